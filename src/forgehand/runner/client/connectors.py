@@ -1,0 +1,137 @@
+"""How a client reaches a runner. A connector yields what a gRPC channel needs to dial.
+
+- ``UnixConnector``: the runner's unix socket (the default; protected by its file mode).
+- ``TlsConnector``: TCP with TLS and a bearer token.
+- ``ExecConnector``: the stdio of any command that ends in ``forgehand-runner proxy``
+  (``ssh host forgehand-runner proxy …``, ``kubectl exec -i …``, ``podman exec -i …``).
+  It listens on a private local unix socket and, for every connection the channel makes,
+  starts the command and pumps bytes both ways, so a reconnect is a fresh exec channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+
+from forgehand.runner.auth import channel_credentials
+from forgehand.runner.pump import pump_both
+
+
+@dataclass(frozen=True)
+class Dial:
+    target: str
+    credentials: grpc.ChannelCredentials | None = None
+    options: tuple[tuple[str, str | int], ...] = ()
+
+
+class Connector(Protocol):
+    async def dial(self) -> Dial: ...
+
+    async def close(self) -> None: ...
+
+
+class UnixConnector:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).absolute()
+
+    async def dial(self) -> Dial:
+        return Dial(f"unix:{self.path}")
+
+    async def close(self) -> None:
+        return None
+
+
+class TlsConnector:
+    """TCP + TLS to ``address`` (host:port), trusting ``ca_cert`` (PEM bytes)."""
+
+    def __init__(
+        self, address: str, token: str, ca_cert: bytes | None = None, server_name: str = ""
+    ) -> None:
+        self.address = address
+        self._credentials = channel_credentials(ca_cert, token)
+        self._options: tuple[tuple[str, str | int], ...] = (
+            (("grpc.ssl_target_name_override", server_name),) if server_name else ()
+        )
+
+    async def dial(self) -> Dial:
+        return Dial(self.address, self._credentials, self._options)
+
+    async def close(self) -> None:
+        return None
+
+
+class ExecConnector:
+    """Reaches a runner through the stdin/stdout of ``argv`` (one process per connection)."""
+
+    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
+        if not argv:
+            raise ValueError("ExecConnector needs a command")
+        self.argv = list(argv)
+        self.env = env
+        self._dir: str | None = None
+        self._server: asyncio.Server | None = None
+        self._pumps: set[asyncio.Task[None]] = set()
+        self._lock = asyncio.Lock()
+
+    async def dial(self) -> Dial:
+        async with self._lock:
+            return await self._listen()
+
+    async def _listen(self) -> Dial:
+        if self._server is None:
+            self._dir = tempfile.mkdtemp(prefix="fh-exec-")
+            os.chmod(self._dir, 0o700)
+            path = os.path.join(self._dir, "s")
+            self._server = await asyncio.start_unix_server(self._on_connection, path)
+        return Dial(f"unix:{self._dir}/s")
+
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._pumps.add(task)
+        try:
+            await self._bridge(reader, writer)
+        finally:
+            self._pumps.discard(task)
+
+    async def _bridge(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        process = await asyncio.create_subprocess_exec(
+            *self.argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=self.env,
+        )
+        assert process.stdin is not None
+        assert process.stdout is not None
+        try:
+            await pump_both(reader, writer, process.stdout, process.stdin)
+        finally:
+            writer.close()
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._pumps):
+                task.cancel()
+            await asyncio.gather(*self._pumps, return_exceptions=True)
+            await self._server.wait_closed()
+            self._server = None
+        if self._dir is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self._dir, "s"))
+            with contextlib.suppress(OSError):
+                os.rmdir(self._dir)
+            self._dir = None

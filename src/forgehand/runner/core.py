@@ -1,0 +1,536 @@
+"""The runner daemon's core: the run registry and every run operation, without gRPC.
+
+The gRPC servicer (``server.py``) and the in-process client (``client/local.py``) are both
+thin layers over ``RunnerCore``, so they behave the same by construction.
+
+Processes, pipes and journal writing belong to the keeper (``keeper.py``), a separate
+process that outlives the daemon. Per run the daemon keeps a ``RunHandle``: the request,
+the journal directory and a wake-up event that attachers wait on, set whenever the keeper
+says the run's journal grew. The daemon holds no other state: on start it rebuilds the
+registry from the state dir, reconnects to the keeper (starting one if none answers), and
+records runs that neither finished nor are known to the keeper as LOST.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import math
+import os
+import re
+import shutil
+import struct
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from forgehand import __version__
+from forgehand._proto.runner.v1 import runner_pb2 as pb
+from forgehand.runner import errors
+from forgehand.runner.config import RunnerConfig
+from forgehand.runner.journal import (
+    JournalReader,
+    journal_bytes,
+    list_segments,
+    read_exit_record,
+    write_lost_exit,
+)
+from forgehand.runner.keeper import KeeperSettings
+from forgehand.runner.keeper_client import KeeperClient
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = "forgehand.runner.v1"
+FEATURES = ("argv", "script", "stdin", "pty", "timeout", "output-limit", "journal", "files")
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_ARGS_BYTES = 1024 * 1024
+PRUNE_INTERVAL = 60.0
+CLOSE_WAIT_SECONDS = 10.0
+
+
+@dataclass
+class AttachBatch:
+    """Serialized events (in seq order), or a handback when the wait time ran out."""
+
+    events: list[bytes]
+    handback: bool = False
+
+
+@dataclass
+class RunHandle:
+    run_id: str
+    directory: Path
+    request: pb.StartRequest
+    created_ns: int
+    exited: pb.Event | None = None
+    pid: int = 0
+    closed: bool = False
+    _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def journal(self) -> Path:
+        return self.directory / "journal"
+
+    @property
+    def wakeup(self) -> asyncio.Event:
+        return self._wakeup
+
+    def notify(self) -> None:
+        old, self._wakeup = self._wakeup, asyncio.Event()
+        old.set()
+
+
+class RunnerCore:
+    """All run operations of one daemon. Use as ``async with RunnerCore(config) as core``."""
+
+    def __init__(self, config: RunnerConfig) -> None:
+        self.config = config
+        self.runs_dir = config.state_dir / "runs"
+        self._runs: dict[str, RunHandle] = {}
+        self._start_lock = asyncio.Lock()
+        self._keeper = KeeperClient(
+            KeeperSettings(
+                state_dir=str(config.state_dir),
+                journal_max_bytes=config.journal_max_bytes_per_run,
+                memory_events=config.memory_events,
+            ),
+            self._on_notify,
+            self._on_keeper_lost,
+        )
+        self._pruner: asyncio.Task[None] | None = None
+        self._reconnect: asyncio.Task[None] | None = None
+        self._lock_fd = -1
+        self._stopping = False
+
+    async def __aenter__(self) -> RunnerCore:
+        self.runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_state_dir()
+        try:
+            await self._keeper.connect()
+            await self._recover()
+        except BaseException:
+            await self._keeper.close()
+            os.close(self._lock_fd)
+            raise
+        self._pruner = asyncio.create_task(self._prune_forever())
+        return self
+
+    def _lock_state_dir(self) -> None:
+        path = self.config.state_dir / "daemon.lock"
+        self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise errors.FailedPrecondition(
+                f"another forgehand-runner daemon uses {self.config.state_dir}: stop it or "
+                "choose another --state-dir"
+            ) from None
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._stopping = True
+        for task in (self._pruner, self._reconnect):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        for run in self._runs.values():
+            run.closed = True
+            run.notify()
+        await self._keeper.close()
+        os.close(self._lock_fd)
+
+    # -- capabilities -------------------------------------------------------------------
+
+    def capabilities(self) -> pb.CapabilitiesResponse:
+        c = self.config
+        return pb.CapabilitiesResponse(
+            protocol=PROTOCOL,
+            runner_version=__version__,
+            features=list(FEATURES),
+            limits=pb.Limits(
+                max_runs=c.max_runs,
+                max_message_bytes=c.max_message_bytes,
+                journal_max_bytes_per_run=c.journal_max_bytes_per_run,
+                journal_max_bytes_total=c.journal_max_bytes_total,
+                max_stdin_chunk_bytes=c.max_stdin_chunk_bytes,
+                finished_run_ttl_seconds=c.finished_run_ttl_seconds,
+            ),
+            file_roots=[str(r) for r in c.file_roots()],
+        )
+
+    # -- start --------------------------------------------------------------------------
+
+    async def start(self, request: pb.StartRequest) -> tuple[str, bool]:
+        """Start a run; returns (run_id, created). Idempotent by run id."""
+        validate_start(request)
+        async with self._start_lock:
+            existing = self._runs.get(request.run_id)
+            if existing is not None:
+                if existing.request != request:
+                    raise errors.AlreadyExists(
+                        f"run {request.run_id!r} exists with a different request: "
+                        "choose a new run id"
+                    )
+                return request.run_id, False
+            self._check_capacity()
+            run = await self._create(request)
+        return run.run_id, True
+
+    def _check_capacity(self) -> None:
+        running = sum(1 for r in self._runs.values() if r.exited is None)
+        if running >= self.config.max_runs:
+            raise errors.ResourceExhausted(
+                f"{running} runs are running, the limit is {self.config.max_runs}: "
+                "wait for one to end or cancel one"
+            )
+        if self._journal_usage() >= self.config.journal_max_bytes_total:
+            self._prune_for_space()
+        if self._journal_usage() >= self.config.journal_max_bytes_total:
+            raise errors.ResourceExhausted(
+                "journal space is used up by running runs: close finished runs or raise "
+                "journal_max_bytes_total"
+            )
+
+    def _journal_usage(self) -> int:
+        return sum(journal_bytes(r.journal) for r in self._runs.values())
+
+    async def _create(self, request: pb.StartRequest) -> RunHandle:
+        directory = self.runs_dir / request.run_id
+        if directory.exists():  # a leftover of a run closed while the daemon was down
+            await asyncio.to_thread(shutil.rmtree, directory, True)
+        directory.mkdir(mode=0o700)
+        _write_atomic(directory / "request.pb", request.SerializeToString())
+        run = RunHandle(
+            run_id=request.run_id,
+            directory=directory,
+            request=request,
+            created_ns=time.time_ns(),
+        )
+        self._runs[run.run_id] = run
+        try:
+            pid = await self._keeper.request("S", request.SerializeToString())
+        except errors.RunnerError as exc:
+            self._runs.pop(run.run_id, None)
+            await asyncio.to_thread(shutil.rmtree, directory, True)
+            raise errors.Unavailable(f"cannot start the run: {exc}") from exc
+        run.pid = int(pid or 0)
+        return run
+
+    # -- keeper events ------------------------------------------------------------------
+
+    def _on_notify(self, grown: list[str], ended: list[str]) -> None:
+        for run_id in grown:
+            run = self._runs.get(run_id)
+            if run is not None:
+                run.notify()
+        for run_id in ended:
+            run = self._runs.get(run_id)
+            if run is not None:
+                run.exited = read_exit_record(run.journal)
+                run.notify()
+
+    def _on_keeper_lost(self) -> None:
+        if self._stopping:
+            return
+        self._reconnect = asyncio.create_task(self._recover_keeper())
+
+    async def _recover_keeper(self) -> None:
+        """The keeper died: runs it had are LOST; start a new keeper for new runs."""
+        for run in self._runs.values():
+            if run.exited is None:
+                self._mark_lost(run, "the runner's keeper process died")
+        try:
+            await self._keeper.connect()
+        except (OSError, errors.RunnerError):
+            log.exception("cannot restart the runner's keeper; new runs will fail")
+
+    def _mark_lost(self, run: RunHandle, why: str) -> None:
+        exited = read_exit_record(run.journal)
+        if exited is None:
+            seq = _last_seq(run.journal) + 1
+            message = f"the run was lost ({why}); its real exit status is unknown"
+            log.warning("run %s: %s", run.run_id, message)
+            exited = write_lost_exit(run.journal, seq, message)
+        run.exited = exited
+        run.notify()
+
+    async def _recover(self) -> None:
+        """Rebuild the registry from the state dir after a (re)start."""
+        live = set((await self._keeper.request("L")).decode().split("\n")) - {""}
+        for directory in sorted(self.runs_dir.iterdir()):
+            try:
+                request = pb.StartRequest.FromString((directory / "request.pb").read_bytes())
+            except (OSError, ValueError):
+                log.warning("ignoring %s: no readable request.pb", directory)
+                continue
+            run = RunHandle(
+                run_id=request.run_id,
+                directory=directory,
+                request=request,
+                created_ns=directory.stat().st_mtime_ns,
+                exited=read_exit_record(directory / "journal"),
+            )
+            self._runs[run.run_id] = run
+            if run.exited is None and run.run_id not in live:
+                self._mark_lost(run, "its keeper is gone")
+
+    # -- attach -------------------------------------------------------------------------
+
+    def _get(self, run_id: str) -> RunHandle:
+        run = self._runs.get(run_id)
+        if run is None or run.closed:
+            raise errors.NotFound(f"no run {run_id!r}: it never existed or was closed")
+        return run
+
+    async def attach(
+        self, run_id: str, after_seq: int, wait_seconds: float, max_batch_bytes: int = 0
+    ) -> AsyncIterator[AttachBatch]:
+        """Replay and tail a run's events after ``after_seq``."""
+        if not math.isfinite(wait_seconds) or wait_seconds < 0:
+            raise errors.InvalidArgument("wait_seconds must be a finite number >= 0")
+        run = self._get(run_id)
+        budget = min(max_batch_bytes or self.config.attach_batch_bytes, self._batch_cap())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_seconds if wait_seconds > 0 else None
+        reader = JournalReader(run.journal, after_seq)
+        try:
+            async for batch in self._follow(run, reader, budget, deadline):
+                yield batch
+        finally:
+            reader.close()
+
+    def _batch_cap(self) -> int:
+        return self.config.max_message_bytes // 2
+
+    async def _follow(
+        self, run: RunHandle, reader: JournalReader, budget: int, deadline: float | None
+    ) -> AsyncIterator[AttachBatch]:
+        loop = asyncio.get_running_loop()
+        while True:
+            wakeup = run.wakeup
+            exited = run.exited
+            # Journal files are local and page-cached; reads are bounded by the batch size.
+            records = reader.read(budget)
+            if records:
+                yield AttachBatch([payload for _seq, payload in records])
+                if exited is not None and reader.last_seq >= exited.seq:
+                    return
+                continue
+            if run.closed:
+                raise errors.NotFound(f"run {run.run_id!r} was closed while attached")
+            if exited is not None:
+                if reader.last_seq < exited.seq:  # the journal lost it (disk full)
+                    yield AttachBatch([exited.SerializeToString()])
+                return
+            timeout = None if deadline is None else deadline - loop.time()
+            if timeout is not None and timeout <= 0:
+                yield AttachBatch([], handback=True)
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wakeup.wait(), timeout)
+
+    # -- control ------------------------------------------------------------------------
+
+    async def _control(self, run: RunHandle, kind: str, payload: bytes = b"") -> bytes:
+        if run.exited is not None:
+            raise errors.FailedPrecondition(f"run {run.run_id!r} has already ended")
+        prefix = run.run_id.encode()
+        return await self._keeper.request(kind, prefix + (b"\0" + payload if payload else b""))
+
+    async def write_stdin(self, run_id: str, data: bytes, eof: bool) -> None:
+        if len(data) > self.config.max_stdin_chunk_bytes:
+            raise errors.InvalidArgument(
+                f"stdin chunk of {len(data)} bytes is over the limit of "
+                f"{self.config.max_stdin_chunk_bytes}: send smaller chunks"
+            )
+        run = self._get(run_id)
+        if data:
+            await self._control(run, "I", data)
+        if eof:
+            await self._control(run, "E")
+
+    async def resize_pty(self, run_id: str, rows: int, cols: int) -> None:
+        if not (0 < rows <= 65535 and 0 < cols <= 65535):
+            raise errors.InvalidArgument("rows and cols must be between 1 and 65535")
+        await self._control(self._get(run_id), "R", struct.pack("<HH", rows, cols))
+
+    async def cancel(self, run_id: str, grace_seconds: float) -> bool:
+        if not math.isfinite(grace_seconds) or not 0 <= grace_seconds <= 3600:
+            raise errors.InvalidArgument("grace_seconds must be between 0 and 3600")
+        run = self._get(run_id)
+        if run.exited is not None:
+            return False
+        grace = grace_seconds or 2.0
+        try:
+            answer = await self._control(run, "C", struct.pack("<d", grace))
+        except errors.FailedPrecondition:
+            return False
+        return answer == b"1"
+
+    # -- status, list, close ------------------------------------------------------------
+
+    def status(self, run_id: str) -> pb.RunStatus:
+        return self._status(self._get(run_id))
+
+    def _status(self, run: RunHandle) -> pb.RunStatus:
+        if not run.pid:
+            run.pid = _started_pid(run.journal)
+        status = pb.RunStatus(
+            run_id=run.run_id,
+            state=pb.RUN_STATE_EXITED if run.exited else pb.RUN_STATE_RUNNING,
+            pid=run.pid,
+            created_unix_ns=run.created_ns,
+            request=run.request,
+            journal_bytes=journal_bytes(run.journal),
+        )
+        if run.exited is not None:
+            status.exited.CopyFrom(run.exited.exited)
+            status.last_seq = run.exited.seq
+        else:
+            status.last_seq = _last_seq(run.journal)
+        return status
+
+    def list(self) -> list[pb.RunStatus]:
+        runs = sorted(self._runs.values(), key=lambda r: r.created_ns)
+        return [self._status(r) for r in runs if not r.closed]
+
+    async def close(self, run_id: str, force: bool) -> None:
+        run = self._get(run_id)
+        if run.exited is None:
+            if not force:
+                raise errors.FailedPrecondition(
+                    f"run {run_id!r} is still running: cancel it first, or close with force"
+                )
+            with contextlib.suppress(errors.FailedPrecondition):
+                await self._control(run, "C", struct.pack("<d", 0.0))
+            await self._wait_exited(run)
+        await self._forget(run)
+
+    async def _wait_exited(self, run: RunHandle) -> None:
+        deadline = asyncio.get_running_loop().time() + CLOSE_WAIT_SECONDS
+        while run.exited is None and asyncio.get_running_loop().time() < deadline:
+            wakeup = run.wakeup
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wakeup.wait(), 0.5)
+
+    async def _forget(self, run: RunHandle) -> None:
+        run.closed = True
+        run.notify()
+        self._runs.pop(run.run_id, None)
+        await asyncio.to_thread(shutil.rmtree, run.directory, True)
+
+    # -- pruning ------------------------------------------------------------------------
+
+    async def _prune_forever(self) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_INTERVAL)
+            await self.prune()
+
+    async def prune(self) -> int:
+        """Forget finished runs older than the TTL; returns how many were forgotten."""
+        cutoff = time.time_ns() - int(self.config.finished_run_ttl_seconds * 1e9)
+        stale = [r for r in self._runs.values() if r.exited and r.exited.time_unix_ns < cutoff]
+        for run in stale:
+            await self._forget(run)
+        return len(stale)
+
+    def _prune_for_space(self) -> None:
+        finished = sorted(
+            (r for r in self._runs.values() if r.exited is not None),
+            key=lambda r: r.exited.time_unix_ns if r.exited else 0,
+        )
+        for run in finished:
+            if self._journal_usage() < self.config.journal_max_bytes_total:
+                return
+            run.closed = True
+            run.notify()
+            self._runs.pop(run.run_id, None)
+            shutil.rmtree(run.directory, ignore_errors=True)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _started_pid(journal: Path) -> int:
+    reader = JournalReader(journal, 0)
+    try:
+        for _seq, payload in reader.read(4096):
+            event = pb.Event.FromString(payload)
+            if event.HasField("started"):
+                return event.started.pid
+            break
+    finally:
+        reader.close()
+    return 0
+
+
+def _last_seq(journal: Path) -> int:
+    """The highest seq in the journal (reads the newest segment only)."""
+    segments = list_segments(journal)
+    if not segments:
+        return 0
+    first, _path = segments[-1]
+    reader = JournalReader(journal, first - 1)
+    try:
+        while reader.read(16 * 1024 * 1024):
+            pass
+    finally:
+        reader.close()
+    return reader.last_seq
+
+
+def validate_start(request: pb.StartRequest) -> None:
+    """Reject a malformed StartRequest with a message naming the field."""
+    if not RUN_ID.match(request.run_id):
+        raise errors.InvalidArgument(
+            "run_id must match [A-Za-z0-9][A-Za-z0-9._-]{0,127}, got " + repr(request.run_id[:140])
+        )
+    _validate_work(request)
+    _validate_env(request)
+    if request.cwd and not os.path.isabs(request.cwd):
+        raise errors.InvalidArgument(f"cwd must be an absolute path, got {request.cwd!r}")
+    if request.cwd and not os.path.isdir(request.cwd):
+        raise errors.InvalidArgument(f"cwd {request.cwd!r} is not a directory")
+    for name in ("timeout_seconds", "cancel_grace_seconds"):
+        value = getattr(request, name)
+        if not math.isfinite(value) or value < 0:
+            raise errors.InvalidArgument(f"{name} must be a finite number >= 0")
+    if request.stdin not in (pb.STDIN_MODE_UNSPECIFIED, pb.STDIN_MODE_NONE, pb.STDIN_MODE_PIPE):
+        raise errors.InvalidArgument(f"stdin mode {request.stdin} is not known")
+    size = request.pty_size
+    if size.rows > 65535 or size.cols > 65535:
+        raise errors.InvalidArgument("pty_size rows and cols must be at most 65535")
+
+
+def _validate_work(request: pb.StartRequest) -> None:
+    work = request.WhichOneof("work")
+    if work is None:
+        raise errors.InvalidArgument("say what to run: set argv or script")
+    if work == "argv":
+        args = list(request.argv.args)
+        if not args or not args[0]:
+            raise errors.InvalidArgument("argv must name a program in its first element")
+        strings = args
+    else:
+        if not request.script.source:
+            raise errors.InvalidArgument("script.source is empty")
+        strings = [request.script.source, request.script.interpreter]
+    if any("\0" in s for s in strings):
+        raise errors.InvalidArgument("argv and script may not contain NUL characters")
+    if sum(len(s) for s in strings) > MAX_ARGS_BYTES:
+        raise errors.InvalidArgument(f"argv or script is over {MAX_ARGS_BYTES} bytes")
+
+
+def _validate_env(request: pb.StartRequest) -> None:
+    for key, value in request.env.items():
+        if not key or "=" in key or "\0" in key or "\0" in value:
+            raise errors.InvalidArgument(
+                f"environment variable {key[:64]!r}: names must be non-empty without '=' or "
+                "NUL, values without NUL"
+            )

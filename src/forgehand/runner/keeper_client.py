@@ -1,0 +1,138 @@
+"""The daemon's side of the keeper: find or start it, send requests, receive notifications."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from forgehand.runner import errors
+from forgehand.runner.keeper import FRAME, KeeperSettings, encode_frame, keeper_socket
+
+log = logging.getLogger(__name__)
+
+START_SECONDS = 30.0
+REQUEST_SECONDS = 30.0
+
+
+class KeeperClient:
+    """One connection to the keeper, multiplexing requests and notifications.
+
+    ``on_notify(run_ids, ended_ids)`` is called for every notification; ``on_lost()`` when
+    the connection drops (the keeper died). Requests raise ``FailedPrecondition`` for a
+    keeper's refusal and ``Unavailable`` when the keeper is gone.
+    """
+
+    def __init__(
+        self,
+        settings: KeeperSettings,
+        on_notify: Callable[[list[str], list[str]], None],
+        on_lost: Callable[[], None],
+    ) -> None:
+        self.settings = settings
+        self.on_notify = on_notify
+        self.on_lost = on_lost
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[tuple[str, bytes]]] = {}
+        self._next_id = 1
+
+    @property
+    def socket_path(self) -> Path:
+        return keeper_socket(Path(self.settings.state_dir))
+
+    async def connect(self) -> None:
+        """Connect to the keeper of this state dir, starting one if none answers."""
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
+        except OSError:
+            await self._start_keeper()
+            reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
+        self._writer = writer
+        self._reader_task = asyncio.create_task(self._read_loop(reader))
+
+    async def _start_keeper(self) -> None:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "forgehand.runner.keeper",
+            json.dumps(asdict(self.settings)),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        assert process.stdout is not None
+        try:
+            line = await asyncio.wait_for(process.stdout.readline(), START_SECONDS)
+        except TimeoutError:
+            line = b""
+        await process.wait()  # the detaching parent; the keeper itself runs on
+        if line.strip() != b"ready":
+            raise errors.Internal(
+                "the runner's keeper process did not start"
+                + (": another keeper holds this state dir" if line.strip() == b"busy" else "")
+            )
+
+    async def close(self) -> None:
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            await asyncio.gather(self._reader_task, return_exceptions=True)
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(OSError):
+                await self._writer.wait_closed()
+        self._writer = self._reader_task = None
+        self._fail_pending()
+
+    async def request(self, kind: str, payload: bytes = b"") -> bytes:
+        if self._writer is None:
+            raise errors.Unavailable("the runner's keeper is not connected")
+        ident = self._next_id
+        self._next_id += 1
+        future: asyncio.Future[tuple[str, bytes]] = asyncio.get_running_loop().create_future()
+        self._pending[ident] = future
+        try:
+            self._writer.write(encode_frame(kind, ident, payload))
+            await self._writer.drain()
+            status, body = await asyncio.wait_for(future, REQUEST_SECONDS)
+        except (OSError, TimeoutError) as exc:
+            raise errors.Unavailable("the runner's keeper did not answer") from exc
+        finally:
+            self._pending.pop(ident, None)
+        if status == "X":
+            raise errors.FailedPrecondition(body.decode(errors="replace"))
+        return body
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                kind, ident, length = FRAME.unpack(await reader.readexactly(FRAME.size))
+                payload = await reader.readexactly(length) if length else b""
+                self._on_frame(chr(kind), ident, payload)
+        except (asyncio.IncompleteReadError, OSError):
+            log.warning("lost the connection to the runner's keeper")
+        self._writer = None
+        self._fail_pending()
+        self.on_lost()
+
+    def _on_frame(self, kind: str, ident: int, payload: bytes) -> None:
+        if ident == 0 and kind == "N":
+            lines = payload.decode().split("\n")
+            grown = [line for line in lines if line and not line.startswith("!")]
+            ended = [line[1:] for line in lines if line.startswith("!")]
+            self.on_notify(grown, ended)
+            return
+        future = self._pending.get(ident)
+        if future is not None and not future.done():
+            future.set_result((kind, payload))
+
+    def _fail_pending(self) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(errors.Unavailable("the runner's keeper went away"))
+        self._pending.clear()

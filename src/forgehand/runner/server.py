@@ -1,0 +1,291 @@
+"""The runner's gRPC server: a thin servicer over ``RunnerCore`` and ``FileService``.
+
+Errors leave as status codes with a plain message: a ``RunnerError`` keeps its code and
+message, anything else is logged here and sent as INTERNAL without details, so no Python
+traceback or class name crosses the wire.
+
+Attach responses are assembled from the journal's already-serialized events (the wire
+encoding of a repeated message field is its elements' bytes, each behind a tag and a
+length), so output bytes are never parsed and re-encoded on their way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from forgehand._proto.runner.v1 import runner_pb2 as pb
+from forgehand.runner import errors
+from forgehand.runner.auth import TokenInterceptor, server_credentials
+from forgehand.runner.config import RunnerConfig
+from forgehand.runner.core import AttachBatch, RunnerCore
+from forgehand.runner.files import FileService
+
+log = logging.getLogger(__name__)
+
+SERVICE = "forgehand.runner.v1.Runner"
+GRACE_SECONDS = 5.0
+T = TypeVar("T")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_attach(batch: AttachBatch) -> bytes:
+    """The wire bytes of an AttachResponse holding the batch."""
+    parts = [b"\x0a" + _varint(len(event)) + event for event in batch.events]
+    if batch.handback:
+        parts.append(b"\x10\x01")
+    return b"".join(parts)
+
+
+def _status_errors(
+    method: Callable[..., Awaitable[T]],
+) -> Callable[..., Awaitable[T]]:
+    @functools.wraps(method)
+    async def wrapper(
+        self: RunnerServicer, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> T:
+        try:
+            return await method(self, request, context)
+        except errors.RunnerError as exc:
+            await context.abort(exc.code, str(exc))
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            log.exception("internal error in %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal runner error; see its log")
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+def _stream_errors(
+    method: Callable[..., AsyncIterator[T]],
+) -> Callable[..., AsyncIterator[T]]:
+    @functools.wraps(method)
+    async def wrapper(
+        self: RunnerServicer, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[T]:
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except errors.RunnerError as exc:
+            await context.abort(exc.code, str(exc))
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            log.exception("internal error in %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal runner error; see its log")
+
+    return wrapper
+
+
+class RunnerServicer:
+    """Implements forgehand.runner.v1.Runner over a RunnerCore."""
+
+    def __init__(self, core: RunnerCore, files: FileService) -> None:
+        self.core = core
+        self.files = files
+
+    @_status_errors
+    async def Capabilities(self, request: pb.CapabilitiesRequest, _ctx: Any) -> Any:
+        return self.core.capabilities()
+
+    @_status_errors
+    async def Start(self, request: pb.StartRequest, _ctx: Any) -> Any:
+        run_id, created = await self.core.start(request)
+        return pb.StartResponse(run_id=run_id, created=created)
+
+    @_stream_errors
+    async def Attach(self, request: pb.AttachRequest, _ctx: Any) -> AsyncIterator[bytes]:
+        batches = self.core.attach(
+            request.run_id, request.after_seq, request.wait_seconds, request.max_batch_bytes
+        )
+        async for batch in batches:
+            yield encode_attach(batch)
+
+    @_status_errors
+    async def WriteStdin(self, request: pb.WriteStdinRequest, _ctx: Any) -> Any:
+        await self.core.write_stdin(request.run_id, request.data, request.eof)
+        return pb.WriteStdinResponse()
+
+    @_status_errors
+    async def ResizePty(self, request: pb.ResizePtyRequest, _ctx: Any) -> Any:
+        await self.core.resize_pty(request.run_id, request.size.rows, request.size.cols)
+        return pb.ResizePtyResponse()
+
+    @_status_errors
+    async def Cancel(self, request: pb.CancelRequest, _ctx: Any) -> Any:
+        was_running = await self.core.cancel(request.run_id, request.grace_seconds)
+        return pb.CancelResponse(was_running=was_running)
+
+    @_status_errors
+    async def Status(self, request: pb.StatusRequest, _ctx: Any) -> Any:
+        return self.core.status(request.run_id)
+
+    @_status_errors
+    async def List(self, request: pb.ListRequest, _ctx: Any) -> Any:
+        return pb.ListResponse(runs=self.core.list())
+
+    @_status_errors
+    async def Close(self, request: pb.CloseRequest, _ctx: Any) -> Any:
+        await self.core.close(request.run_id, request.force)
+        return pb.CloseResponse()
+
+    @_stream_errors
+    async def ReadFile(self, request: pb.ReadFileRequest, _ctx: Any) -> AsyncIterator[Any]:
+        async for chunk in self.files.read(request):
+            yield chunk
+
+    @_status_errors
+    async def WriteFile(self, requests: AsyncIterator[pb.WriteFileRequest], _ctx: Any) -> Any:
+        return await self.files.write(requests)
+
+    @_status_errors
+    async def Stat(self, request: pb.StatRequest, _ctx: Any) -> Any:
+        return await self.files.stat(request.path)
+
+    @_status_errors
+    async def ListDir(self, request: pb.ListDirRequest, _ctx: Any) -> Any:
+        return await self.files.list_dir(request.path, request.max_entries)
+
+
+def _handlers(servicer: RunnerServicer) -> grpc.GenericRpcHandler[Any, Any]:
+    def unary(method: Any, req: Any) -> grpc.RpcMethodHandler[Any, Any]:
+        return grpc.unary_unary_rpc_method_handler(
+            method, req.FromString, lambda m: m.SerializeToString()
+        )
+
+    def stream(method: Any, req: Any, raw: bool = False) -> grpc.RpcMethodHandler[Any, Any]:
+        serialize = (lambda b: b) if raw else (lambda m: m.SerializeToString())
+        return grpc.unary_stream_rpc_method_handler(method, req.FromString, serialize)
+
+    s = servicer
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Capabilities": unary(s.Capabilities, pb.CapabilitiesRequest),
+            "Start": unary(s.Start, pb.StartRequest),
+            "Attach": stream(s.Attach, pb.AttachRequest, raw=True),
+            "WriteStdin": unary(s.WriteStdin, pb.WriteStdinRequest),
+            "ResizePty": unary(s.ResizePty, pb.ResizePtyRequest),
+            "Cancel": unary(s.Cancel, pb.CancelRequest),
+            "Status": unary(s.Status, pb.StatusRequest),
+            "List": unary(s.List, pb.ListRequest),
+            "Close": unary(s.Close, pb.CloseRequest),
+            "ReadFile": stream(s.ReadFile, pb.ReadFileRequest),
+            "WriteFile": grpc.stream_unary_rpc_method_handler(
+                s.WriteFile, pb.WriteFileRequest.FromString, lambda m: m.SerializeToString()
+            ),
+            "Stat": unary(s.Stat, pb.StatRequest),
+            "ListDir": unary(s.ListDir, pb.ListDirRequest),
+        },
+    )
+
+
+def channel_options(config_max_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", config_max_bytes),
+        ("grpc.max_receive_message_length", config_max_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class RunnerServer:
+    """A running daemon: core + gRPC server on one or more listeners.
+
+    ``async with RunnerServer(config, unix_socket=path) as server`` serves until the block
+    ends, then stops with a grace period of ``GRACE_SECONDS`` for RPCs in flight. Runs keep
+    going: their supervisors do not depend on the daemon.
+    """
+
+    def __init__(
+        self,
+        config: RunnerConfig,
+        *,
+        unix_socket: Path | None = None,
+        tcp: str | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        token: str | None = None,
+    ) -> None:
+        if tcp and not (tls_cert and tls_key and token):
+            raise errors.InvalidArgument(
+                "a TCP listener needs TLS and a bearer token: pass --tls-cert, --tls-key "
+                "and --token-file"
+            )
+        if not unix_socket and not tcp:
+            raise errors.InvalidArgument("give a unix socket path or a TCP address to listen on")
+        self.config = config
+        self.unix_socket = unix_socket
+        self.tcp = tcp
+        self.tls_cert, self.tls_key, self.token = tls_cert, tls_key, token
+        self.core = RunnerCore(config)
+        self.tcp_port = 0
+        self._server: grpc.aio.Server | None = None
+
+    async def __aenter__(self) -> RunnerServer:
+        await self.core.__aenter__()
+        try:
+            await self._start_grpc()
+        except BaseException:
+            await self.core.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def _start_grpc(self) -> None:
+        interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (
+            [TokenInterceptor(self.token)] if self.token else []
+        )
+        server = grpc.aio.server(
+            options=channel_options(self.config.max_message_bytes), interceptors=interceptors
+        )
+        files = FileService(self.config.file_roots())
+        server.add_generic_rpc_handlers((_handlers(RunnerServicer(self.core, files)),))
+        if self.unix_socket is not None:
+            self._bind_unix(server, self.unix_socket)
+        if self.tcp:
+            assert self.tls_cert is not None
+            assert self.tls_key is not None
+            creds = server_credentials(self.tls_cert, self.tls_key)
+            self.tcp_port = server.add_secure_port(self.tcp, creds)
+        await server.start()
+        self._server = server
+
+    @staticmethod
+    def _bind_unix(server: grpc.aio.Server, path: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        old = os.umask(0o177)  # the socket is created 0600: only our user may connect
+        try:
+            server.add_insecure_port(f"unix:{path}")
+        finally:
+            os.umask(old)
+
+    async def wait(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._server is not None:
+            await self._server.stop(GRACE_SECONDS)
+        await self.core.__aexit__(*exc_info)
+        if self.unix_socket is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.unix_socket.unlink()

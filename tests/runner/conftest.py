@@ -1,0 +1,99 @@
+"""Fixtures for runner tests: real daemons on real sockets, and one client per transport.
+
+``client`` is parametrized over every way to reach a runner — gRPC on a unix socket, gRPC
+through the stdio proxy (the exec-channel path), and the in-process transport — so each
+test that uses it proves the same contract on all of them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from forgehand.runner.client import LocalTransport, RunnerClient
+from forgehand.runner.config import RunnerConfig
+from forgehand.runner.core import RunnerCore
+from forgehand.runner.server import RunnerServer
+
+TRANSPORTS = ("unix", "proxy", "local")
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short temporary directory (unix socket paths are limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="fh-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    yield path
+    _kill_keepers(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _kill_keepers(base: Path) -> None:
+    """Stop keepers whose state dir is under base (they would idle out after a minute)."""
+    for lock in base.rglob("keeper.lock"):
+        pid = _lock_holder(lock)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+
+
+def _lock_holder(lock: Path) -> int:
+    inode = lock.stat().st_ino
+    try:
+        text = Path("/proc/locks").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) > 5 and parts[5].endswith(f":{inode}"):
+            return int(parts[4])
+    return 0
+
+
+def make_config(base: Path, **overrides: object) -> RunnerConfig:
+    work = base / "work"
+    work.mkdir(exist_ok=True)
+    return RunnerConfig(state_dir=base / "state", roots=(work,), **overrides)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def config(short_tmp: Path) -> RunnerConfig:
+    return make_config(short_tmp)
+
+
+@pytest.fixture
+async def server(config: RunnerConfig, short_tmp: Path) -> AsyncIterator[RunnerServer]:
+    async with RunnerServer(config, unix_socket=short_tmp / "runner.sock") as running:
+        yield running
+
+
+def proxy_argv(socket: Path) -> list[str]:
+    return [sys.executable, "-m", "forgehand.runner.cli", "proxy", "--socket", str(socket)]
+
+
+@pytest.fixture(params=TRANSPORTS)
+async def client(
+    request: pytest.FixtureRequest, config: RunnerConfig, short_tmp: Path
+) -> AsyncIterator[RunnerClient]:
+    kind = request.param
+    if kind == "local":
+        async with RunnerCore(config) as core, RunnerClient(LocalTransport(core)) as local:
+            yield local
+        return
+    socket = short_tmp / "runner.sock"
+    async with RunnerServer(config, unix_socket=socket):
+        connect = RunnerClient.unix if kind == "unix" else None
+        remote = connect(socket) if connect else RunnerClient.exec(proxy_argv(socket))
+        async with remote:
+            yield remote
+
+
+@pytest.fixture
+def work(config: RunnerConfig) -> Path:
+    return config.roots[0]

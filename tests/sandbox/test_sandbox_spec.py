@@ -1,0 +1,74 @@
+"""SandboxSpec validation: sizes, paths, network opt-in, field names in errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from forgehand.sandbox.spec import SandboxSpec, parse_size
+
+
+def _spec(**extra: Any) -> SandboxSpec:
+    return SandboxSpec.model_validate({"work_dir": {"host_path": "/srv/work"}, **extra})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("512M", 512 << 20), ("1G", 1 << 30), ("1.5GiB", 3 << 29), ("64k", 65536), ("4096", 4096)],
+)
+def test_sizes_parse(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+def test_defaults_are_closed() -> None:
+    spec = _spec()
+    assert spec.network.mode == "none"
+    assert spec.env == {}
+    assert spec.root.type == "host"
+    assert spec.work_dir_bytes == spec.limits.disk_bytes
+
+
+def test_spec_is_frozen() -> None:
+    spec = _spec()
+    with pytest.raises(ValidationError):
+        setattr(spec, "isolation", "kernel")  # noqa: B010
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"limits": {"memory_bytes": "lots"}}, "memory_bytes"),
+        ({"limits": {"pids": 0}}, "pids"),
+        ({"limits": {"cpu_cores": -1}}, "cpu_cores"),
+        ({"limits": {"wall_time_seconds": 0}}, "wall_time_seconds"),
+        ({"ro_mounts": [{"source": "relative/dir"}]}, "source"),
+        ({"ro_mounts": [{"source": "/opt/../root"}]}, "source"),
+        ({"ro_mounts": [{"source": "/opt", "target": "/proc/x"}]}, "target"),
+        ({"network": {"mode": "open"}}, "unsafe_allow_open_network"),
+        ({"network": {"mode": "proxy", "allow_hosts": ["Not A Host"]}}, "allow_hosts"),
+        ({"network": {"mode": "carrier-pigeon"}}, "network"),
+        ({"isolation": "vm"}, "isolation"),
+        ({"env": {"BAD-NAME": "x"}}, "env"),
+        ({"unknown_field": 1}, "unknown_field"),
+        (
+            {"work_dir": {"host_path": "/w", "size_bytes": "2G"}, "limits": {"disk_bytes": "1G"}},
+            "work_dir.size_bytes",
+        ),
+    ],
+)
+def test_invalid_specs_name_the_field(extra: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError, match=field.replace(".", r"\.")):
+        _spec(**extra)
+
+
+def test_open_network_needs_explicit_opt_in() -> None:
+    spec = _spec(network={"mode": "open", "unsafe_allow_open_network": True})
+    assert spec.network.mode == "open"
+
+
+def test_mount_target_defaults_to_source() -> None:
+    spec = _spec(ro_mounts=[{"source": "/opt/tools"}])
+    assert spec.ro_mounts[0].destination == Path("/opt/tools")
