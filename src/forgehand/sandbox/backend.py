@@ -1,0 +1,153 @@
+"""The sandbox seam: one small Protocol, one module per backend.
+
+    async with backend.create(spec) as sandbox:
+        result = await sandbox.client.run(RunSpec(argv=("pytest",), cwd="/work"))
+
+Every sandbox runs ``forgehand-runner`` inside; the host reaches it only through the
+runner protocol (``sandbox.client``). ``sandbox.achieved`` says what the backend really
+gave — never less than the spec asked for: a backend that cannot give the requested
+isolation level, limit or network policy refuses in ``create`` with ``IsolationUnavailable``
+(fail closed). ``destroy`` happens on every path out of the ``async with``; ``reap`` finds
+what a crash left behind.
+
+Backends register themselves in ``BACKENDS`` by name (``bwrap``, ``gvisor``, ``podman``);
+``choose_backend`` picks the named one or the first available one that gives the level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+from forgehand.runner.client import RunnerClient
+from forgehand.sandbox.errors import IsolationUnavailable
+from forgehand.sandbox.spec import IsolationLevel, Limits, NetworkPolicy, SandboxSpec
+
+# Stronger levels satisfy weaker requests: a container or user-space kernel also isolates
+# processes. `kernel` (gVisor) is the strongest available here.
+ISOLATION_RANK: dict[str, int] = {"process": 1, "container": 2, "kernel": 3}
+
+
+@dataclass(frozen=True)
+class Achieved:
+    """What a sandbox really has (reported, not requested)."""
+
+    backend: str
+    isolation: IsolationLevel
+    limits: Limits
+    network: NetworkPolicy
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend works on this machine, and if not, why and what to do."""
+
+    backend: str
+    available: bool
+    isolation: IsolationLevel
+    detail: str
+
+
+@dataclass(frozen=True)
+class SandboxRecord:
+    """A sandbox found on this machine (by ``forgehand sandbox ls`` or the reaper)."""
+
+    backend: str
+    sandbox_id: str
+    state: Literal["running", "leftover"]
+    owner_pid: int
+    detail: str = ""
+
+
+class Sandbox(Protocol):
+    @property
+    def sandbox_id(self) -> str: ...
+
+    @property
+    def client(self) -> RunnerClient: ...
+
+    @property
+    def achieved(self) -> Achieved: ...
+
+    @property
+    def work_dir(self) -> Path:
+        """The work dir as the host sees it."""
+
+
+class SandboxBackend(Protocol):
+    name: str
+    isolation: IsolationLevel
+
+    def availability(self) -> Availability: ...
+
+    def create(self, spec: SandboxSpec) -> AbstractAsyncContextManager[Sandbox]: ...
+
+    async def list_sandboxes(self) -> list[SandboxRecord]: ...
+
+    async def reap(self) -> list[SandboxRecord]:
+        """Destroy leftovers of crashed owners; return what was removed."""
+
+
+BackendFactory = Callable[[], SandboxBackend]
+BACKENDS: dict[str, BackendFactory] = {}
+
+
+def register_backend(name: str, factory: BackendFactory) -> None:
+    BACKENDS[name] = factory
+
+
+def satisfies(given: IsolationLevel, wanted: IsolationLevel) -> bool:
+    return ISOLATION_RANK[given] >= ISOLATION_RANK[wanted]
+
+
+def choose_backend(spec: SandboxSpec, name: str | None = None) -> SandboxBackend:
+    """The named backend, or the first available one that gives the spec's isolation.
+
+    Raises IsolationUnavailable (never falls back to less isolation)."""
+    _load_builtin_backends()
+    if name is not None:
+        return _named(name, spec)
+    reasons = []
+    for candidate in BACKENDS:
+        backend = BACKENDS[candidate]()
+        status = backend.availability()
+        if status.available and satisfies(backend.isolation, spec.isolation):
+            return backend
+        reasons.append(f"{candidate}: {status.detail}")
+    raise IsolationUnavailable(
+        f"no sandbox backend here gives isolation level {spec.isolation!r}; "
+        + "; ".join(reasons)
+    )
+
+
+def _named(name: str, spec: SandboxSpec) -> SandboxBackend:
+    factory = BACKENDS.get(name)
+    if factory is None:
+        raise IsolationUnavailable(
+            f"unknown sandbox backend {name!r}; known: {', '.join(sorted(BACKENDS))}"
+        )
+    backend = factory()
+    status = backend.availability()
+    if not status.available:
+        raise IsolationUnavailable(f"sandbox backend {name} is unavailable: {status.detail}")
+    if not satisfies(backend.isolation, spec.isolation):
+        raise IsolationUnavailable(
+            f"sandbox backend {name} gives isolation {backend.isolation!r}, weaker than the "
+            f"{spec.isolation!r} asked for: choose a backend that gives it"
+        )
+    return backend
+
+
+def _load_builtin_backends() -> None:
+    """Import the backend modules so they register (each is optional)."""
+    import importlib
+
+    for module in ("bwrap_backend", "gvisor", "podman"):
+        try:
+            importlib.import_module(f"forgehand.sandbox.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"forgehand.sandbox.{module}":
+                raise
