@@ -21,7 +21,11 @@ UNAUTHENTICATED_MESSAGE = "missing or wrong bearer token: pass the runner's toke
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg]
-    """Rejects every call whose authorization metadata is not the expected bearer token."""
+    """Rejects every call without the expected bearer token, except on the unix socket.
+
+    One interceptor serves every listener of a gRPC server, so the listener is told apart
+    per call, by the peer address: ``unix:`` for the socket, ``ipv4:``/``ipv6:`` for TCP.
+    """
 
     def __init__(self, token: str) -> None:
         if len(token) < MIN_TOKEN_CHARS or not _printable_ascii(token):
@@ -43,30 +47,43 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-ar
         given = str(metadata.get("authorization", "")).encode()
         if handler is None or hmac.compare_digest(given, self._expected):
             return handler
-        return _denying(handler)
+        return _unless_unix(handler)
 
 
 def _printable_ascii(token: str) -> bool:
     return all("!" <= char <= "~" for char in token)
 
 
-def _denying(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-    async def deny(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+def _from_unix_socket(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    return str(context.peer()).startswith("unix:")
 
-    async def deny_stream(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
-        yield  # pragma: no cover - makes this an async generator
+
+def _unless_unix(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    """The handler for callers on the unix socket (its file mode let them in); for anyone
+    else a handler that fails with UNAUTHENTICATED."""
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if not _from_unix_socket(context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+        call: Any = handler.stream_unary if handler.request_streaming else handler.unary_unary
+        return await call(request, context)
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if not _from_unix_socket(context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+        call: Any = handler.stream_stream if handler.request_streaming else handler.unary_stream
+        async for response in call(request, context):
+            yield response
 
     req, resp = handler.request_streaming, handler.response_streaming
     deserialize, serialize = handler.request_deserializer, handler.response_serializer
     if req and resp:
-        return grpc.stream_stream_rpc_method_handler(deny_stream, deserialize, serialize)
+        return grpc.stream_stream_rpc_method_handler(streaming, deserialize, serialize)
     if req:
-        return grpc.stream_unary_rpc_method_handler(deny, deserialize, serialize)
+        return grpc.stream_unary_rpc_method_handler(unary, deserialize, serialize)
     if resp:
-        return grpc.unary_stream_rpc_method_handler(deny_stream, deserialize, serialize)
-    return grpc.unary_unary_rpc_method_handler(deny, deserialize, serialize)
+        return grpc.unary_stream_rpc_method_handler(streaming, deserialize, serialize)
+    return grpc.unary_unary_rpc_method_handler(unary, deserialize, serialize)
 
 
 def server_credentials(cert: Path, key: Path) -> grpc.ServerCredentials:

@@ -57,6 +57,7 @@ class AttachBatch:
 
     events: list[bytes]
     handback: bool = False
+    ended: bool = False
 
 
 @dataclass
@@ -324,6 +325,8 @@ class RunnerCore:
             if exited is not None:
                 if reader.last_seq < exited.seq:  # the journal lost it (disk full)
                     yield AttachBatch([exited.SerializeToString()])
+                else:
+                    yield AttachBatch([], ended=True)
                 return
             timeout = None if deadline is None else deadline - loop.time()
             if timeout is not None and timeout <= 0:

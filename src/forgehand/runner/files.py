@@ -18,8 +18,9 @@ import errno
 import os
 import stat as stat_module
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from forgehand._proto.runner.v1 import runner_pb2 as pb
 from forgehand.runner import errors
@@ -30,6 +31,7 @@ DEFAULT_MAX_ENTRIES = 10_000
 MAX_PATH = 4096
 MAX_OFFSET = 2**63 - 1  # off_t
 TEMP_PREFIX_CHARS = 200  # room for mkstemp's suffix within NAME_MAX
+T = TypeVar("T")
 
 
 class FileService:
@@ -84,7 +86,7 @@ class FileService:
         if request.offset > MAX_OFFSET:
             raise errors.InvalidArgument(f"offset must be at most {MAX_OFFSET}")
         chunk = min(request.chunk_bytes or DEFAULT_CHUNK, MAX_CHUNK)
-        fd = await asyncio.to_thread(_open_regular, resolved, request.path)
+        fd = await _in_thread(_open_regular, resolved, request.path, undo=os.close)
         try:
             info = await asyncio.to_thread(_info, resolved, request.path)
             offset, remaining = request.offset, request.length or -1
@@ -92,7 +94,7 @@ class FileService:
             while remaining != 0:
                 size = chunk if remaining < 0 else min(chunk, remaining)
                 size = min(size, MAX_OFFSET - offset)  # pread fails past the largest off_t
-                data = await asyncio.to_thread(_pread, fd, size, offset, request.path)
+                data = await _in_thread(_pread, fd, size, offset, request.path)
                 if not data and not first:
                     return
                 yield pb.ReadFileResponse(data=data, offset=offset, info=info if first else None)
@@ -110,19 +112,20 @@ class FileService:
         if mode & (stat_module.S_ISUID | stat_module.S_ISGID):
             raise errors.InvalidArgument("setuid and setgid bits may not be written")
         target = await self._prepare_target(header)
-        fd, tmp = await asyncio.to_thread(_temp_beside, target, header.path)
+        fd, tmp = await _in_thread(_temp_beside, target, header.path, undo=_discard)
         try:
             async for part in requests:
                 if part.WhichOneof("part") != "data":
                     raise errors.InvalidArgument("only the first WriteFile message has a header")
-                await asyncio.to_thread(_write_all, fd, part.data, header.path)
-            await asyncio.to_thread(_commit, fd, tmp, target, mode, header.path)
+                await _in_thread(_write_all, fd, part.data, header.path)
+            # gRPC ends the request stream of a call the client cancelled as if the client
+            # had finished it, and the cancellation usually lands a loop turn later: yield
+            # once for it. This narrows the race; only a commit message could close it.
+            await asyncio.sleep(0)
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            _discard((fd, tmp))
             raise
+        await _in_thread(_commit, fd, tmp, target, mode, header.path)
         return pb.WriteFileResponse(info=await asyncio.to_thread(_info, target, header.path))
 
     async def _prepare_target(self, header: pb.WriteFileHeader) -> Path:
@@ -202,6 +205,30 @@ def _kind(path: Path, original: str) -> int:
         raise os_error(exc, original, "cannot look up") from None
 
 
+async def _in_thread(
+    func: Callable[..., T], *args: object, undo: Callable[[T], object] | None = None
+) -> T:
+    """func(*args) in a worker thread. A thread cannot be stopped, so when the caller is
+    cancelled this waits for func to end (no fd is closed under it) and undoes its result."""
+    job = asyncio.ensure_future(asyncio.to_thread(func, *args))
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            result = await job
+            if undo is not None:
+                undo(result)
+        raise
+
+
+def _discard(temp: tuple[int, str]) -> None:
+    fd, path = temp
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
 async def _first_header(requests: AsyncIterator[pb.WriteFileRequest]) -> pb.WriteFileHeader:
     async for first in requests:
         if first.WhichOneof("part") != "header":
@@ -252,11 +279,16 @@ def _write_all(fd: int, data: bytes, original: str) -> None:
 
 
 def _commit(fd: int, tmp: str, target: Path, mode: int, original: str) -> None:
+    """Rename the temporary file into place; it is gone afterwards whatever happened."""
     try:
-        os.fchmod(fd, mode)
-        os.close(fd)
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
         os.replace(tmp, target)
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise os_error(exc, original, "cannot write") from None
 
 

@@ -291,22 +291,22 @@ class JournalReader:
         while budget > 0:
             if self._file < 0 and not self._open_next(out):
                 break
-            got = self._read_current(budget)
+            got, progressed = self._read_current(budget)
             if got:
                 out.extend(got)
                 budget -= sum(len(p) for _, p in got)
-                continue
-            if not self._advance_if_final(out):
-                break
+            elif not progressed and not self._advance_if_final(out):
+                break  # at the end of what has been written so far
         return out
 
-    def _read_current(self, budget: int) -> list[tuple[int, bytes]]:
+    def _read_current(self, budget: int) -> tuple[list[tuple[int, bytes]], bool]:
+        """Records newer than last_seq from the next chunk, and whether any bytes were read."""
         size = min(max(self.READ_CHUNK, budget), 16 * self.READ_CHUNK)
         chunk = os.pread(self._file, size, self._offset)
         if chunk:
             self._buffer += chunk
             self._offset += len(chunk)
-        return self._parse_buffer()
+        return self._parse_buffer(), bool(chunk)
 
     def _drain(self) -> list[tuple[int, bytes]]:
         records: list[tuple[int, bytes]] = []

@@ -50,6 +50,8 @@ def encode_attach(batch: AttachBatch) -> bytes:
     parts = [b"\x0a" + _varint(len(event)) + event for event in batch.events]
     if batch.handback:
         parts.append(b"\x10\x01")
+    if batch.ended:
+        parts.append(b"\x18\x01")
     return b"".join(parts)
 
 

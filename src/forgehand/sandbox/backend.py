@@ -118,8 +118,7 @@ def choose_backend(spec: SandboxSpec, name: str | None = None) -> SandboxBackend
             return backend
         reasons.append(f"{candidate}: {status.detail}")
     raise IsolationUnavailable(
-        f"no sandbox backend here gives isolation level {spec.isolation!r}; "
-        + "; ".join(reasons)
+        f"no sandbox backend here gives isolation level {spec.isolation!r}; " + "; ".join(reasons)
     )
 
 
@@ -139,6 +138,12 @@ def _named(name: str, spec: SandboxSpec) -> SandboxBackend:
             f"{spec.isolation!r} asked for: choose a backend that gives it"
         )
     return backend
+
+
+def load_backends() -> dict[str, BackendFactory]:
+    """Every registered backend, after importing the built-in backend modules that exist."""
+    _load_builtin_backends()
+    return dict(BACKENDS)
 
 
 def _load_builtin_backends() -> None:

@@ -188,8 +188,12 @@ def build_argv(
     data_fds: Mapping[str, int],
     bwrap: str = "bwrap",
     identity: Identity = Identity(),
+    extra: Sequence[str] = (),
 ) -> list[str]:
-    """The bwrap command line that runs ``command`` as ``spec`` describes."""
+    """The bwrap command line that runs ``command`` as ``spec`` describes.
+
+    ``extra`` (more bwrap options, e.g. backend-private mounts) goes after the spec's mounts.
+    """
     if not command:
         raise SandboxLaunchError("empty command: pass the program and its arguments")
     return [
@@ -199,6 +203,7 @@ def build_argv(
         *_data_args(data_fds),
         *_scratch_args(spec),
         *_mount_args(spec),
+        *extra,
         *_env_args(default_env(spec, identity)),
         *("--seccomp", str(seccomp_fd)),
         *("--chdir", str(spec.work_dir.sandbox_path)),
@@ -315,8 +320,12 @@ class BwrapSandbox:
         *,
         identity: Identity = Identity(),
         kill_grace: float = 5.0,
+        extra_args: Sequence[str] = (),
+        extra_host_paths: Sequence[Path] = (),
     ) -> None:
         self.spec = spec
+        self.extra_args = tuple(extra_args)
+        self.extra_host_paths = tuple(extra_host_paths)
         self.sandbox_id = sandbox_id or f"sbx-{uuid.uuid4().hex[:12]}"
         self.identity = identity
         self.kill_grace = kill_grace
@@ -368,14 +377,14 @@ class BwrapSandbox:
 
     def _check_paths(self) -> None:
         self.spec.work_dir.host_path.mkdir(parents=True, exist_ok=True)
-        for path in host_paths(self.spec):
+        for path in [*host_paths(self.spec), *self.extra_host_paths]:
             check_reachable(path, self.identity.host_uid, self.identity.host_gid)
 
     async def _mount_work_dir(self) -> None:
         me = self.identity
         options = f"size={self.spec.work_dir_bytes},mode=0755,uid={me.host_uid},gid={me.host_gid}"
         host = str(self.spec.work_dir.host_path)
-        await _run_host(["mount", "-t", "tmpfs", "-o", f"{options},nosuid,nodev", "tmpfs", host])
+        await run_host(["mount", "-t", "tmpfs", "-o", f"{options},nosuid,nodev", "tmpfs", host])
         self._work_mounted = True
 
     async def spawn(self, command: Sequence[str], **kwargs: Any) -> asyncio.subprocess.Process:
@@ -404,6 +413,7 @@ class BwrapSandbox:
                 data_fds={dest: fd for dest, fd in files.fds.items() if dest != "seccomp"},
                 bwrap=self._bwrap,
                 identity=self.identity,
+                extra=self.extra_args,
             )
         except BaseException:
             files.close()
@@ -477,7 +487,7 @@ class BwrapSandbox:
         self._processes.clear()
         await self._remove_cgroup()
         if self._work_mounted:
-            await _run_host(["umount", str(self.spec.work_dir.host_path)])
+            await run_host(["umount", str(self.spec.work_dir.host_path)])
             self._work_mounted = False
 
     async def _remove_cgroup(self) -> None:
@@ -563,7 +573,8 @@ def _reason(process: asyncio.subprocess.Process, timed_out: bool, oom: bool) -> 
     return ExitReason.EXITED
 
 
-async def _run_host(argv: list[str]) -> None:
+async def run_host(argv: list[str]) -> None:
+    """Run a host command (mount, umount); SandboxLaunchError with its stderr on failure."""
     process = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )

@@ -161,6 +161,29 @@ class CgroupGroup:
             self._write(Controller.MEMORY, "memory.max", str(limit))
             self._write_if_present(Controller.MEMORY, "memory.swap.max", "0")
 
+    def read_limits(self) -> tuple[int, int, float]:
+        """The limits the kernel really applies: memory bytes, pids, CPU cores."""
+        if self._version(Controller.MEMORY) == 1:
+            memory = self._read(Controller.MEMORY, "memory.limit_in_bytes")
+        else:
+            memory = self._read(Controller.MEMORY, "memory.max")
+        pids = self._read(Controller.PIDS, "pids.max")
+        if self._version(Controller.CPU) == 1:
+            quota = self._read(Controller.CPU, "cpu.cfs_quota_us")
+            period = self._read(Controller.CPU, "cpu.cfs_period_us")
+        else:
+            quota, _, period = self._read(Controller.CPU, "cpu.max").partition(" ")
+        return int(memory), int(pids), int(quota) / int(period)
+
+    def memory_events_file(self) -> Path:
+        """The file whose ``oom_kill`` line counts OOM kills (v2 memory.events, v1
+        memory.oom_control); what ``forgehand-runner --memory-events`` reads."""
+        name = "memory.events" if self._version(Controller.MEMORY) == 2 else "memory.oom_control"
+        return self.dir(Controller.MEMORY) / name
+
+    def _read(self, controller: Controller, name: str) -> str:
+        return (self.dir(controller) / name).read_text().strip()
+
     def add_pid(self, pid: int) -> None:
         """Move ``pid`` (a process this service started) into every hierarchy of the group."""
         for procs in self.procs_files:

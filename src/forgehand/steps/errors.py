@@ -13,7 +13,8 @@ Exception tree::
     │   ├── UnsupportedReferenceError   e.g. OCI references
     │   ├── ReferenceCycleError         a -> b -> a
     │   └── FetchError                  git could not fetch the reference
-    └── OutputProtocolError         an output or export file line is invalid
+    ├── OutputProtocolError         an output or export file line is invalid
+    └── BuiltinError                a built-in step refused or failed; ``code`` says how
 
 ``Diagnostic`` is the rendered, non-exception form used by the checker API.
 """
@@ -119,3 +120,28 @@ class FetchError(StepReferenceError):
 
 class OutputProtocolError(StepError):
     """A line of an output or export file is not valid."""
+
+
+class BuiltinError(StepError):
+    """A built-in step refused its inputs or failed.
+
+    ``code`` is one of ``invalid_argument``, ``not_found``, ``permission_denied``,
+    ``failed_precondition``, ``command_failed``, ``timeout``. ``exit_code`` and
+    ``outputs`` are set when a command ran (``run``, ``exec``) and failed.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        exit_code: int | None = None,
+        outputs: dict[str, object] | None = None,
+    ) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.exit_code = exit_code
+        self.outputs = outputs or {}
+
+    def __str__(self) -> str:
+        return self.message

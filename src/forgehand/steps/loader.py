@@ -389,6 +389,17 @@ def load_step_text(text: str, filename: str) -> StepFile:
     return StepFile(path=filename, spec=spec, definition=_definition(documents[1], spec, filename))
 
 
+def load_spec_text(text: str, filename: str) -> Spec:
+    """Load a spec-only document (``spec:`` with inputs and outputs), e.g. a built-in's."""
+    documents = compose_documents(text, filename)
+    if len(documents) != 1:
+        raise StepSyntaxError(
+            f"a spec document is one YAML document; found {len(documents)}",
+            Position(filename, 1, 1),
+        )
+    return _spec(documents[0], filename)
+
+
 def find_step_file(path: Path) -> Path:
     """The step file for ``path``: the file itself, or a directory's func.yml/step.yml."""
     if path.is_dir():

@@ -78,3 +78,42 @@ def sensitive_values(
 def mask_sensitive(value: Any, spec: Spec, inputs: Mapping[str, Any]) -> Any:
     """Mask ``spec``'s sensitive input values wherever they occur in ``value``."""
     return Masker.for_inputs(spec, inputs).mask(value)
+
+
+class StreamMasker:
+    """Masks secrets in a byte stream that arrives in chunks.
+
+    A secret may be split across two chunks, so the last ``len(longest secret) - 1``
+    bytes of each chunk are held back until the next chunk (or ``flush``) shows whether
+    they start a secret. With no secrets, bytes pass through unchanged and undelayed.
+    """
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        encoded = sorted({s.encode() for s in secrets if s}, key=len, reverse=True)
+        self._pattern = re.compile(b"|".join(re.escape(s) for s in encoded)) if encoded else None
+        self._keep = max((len(s) for s in encoded), default=1) - 1
+        self._held = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The bytes of ``chunk`` (and earlier held bytes) that are safe to emit now."""
+        if self._pattern is None:
+            return self.flush() + chunk
+        data = self._held + chunk
+        limit = len(data) - self._keep
+        out, cursor = bytearray(), 0
+        for match in self._pattern.finditer(data):
+            if match.start() >= limit:
+                break
+            out += data[cursor : match.start()] + MASK.encode()
+            cursor = match.end()
+        cut = max(cursor, limit)
+        out += data[cursor:cut]
+        self._held = data[cut:]
+        return bytes(out)
+
+    def flush(self) -> bytes:
+        """Everything still held, masked."""
+        data, self._held = self._held, b""
+        if self._pattern is None or not data:
+            return data
+        return self._pattern.sub(MASK.encode(), data)

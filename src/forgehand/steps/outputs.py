@@ -84,6 +84,15 @@ def complete_outputs(
     return result
 
 
+def check_outputs(values: Mapping[str, Any], spec: Spec, pos: Position) -> dict[str, Any]:
+    """``values`` checked against ``spec.outputs`` (names and types), defaults applied."""
+    if spec.delegate_outputs:
+        return dict(values)
+    for name, value in values.items():
+        _check_output(name, value, spec.outputs, pos)
+    return complete_outputs(values, spec.outputs, pos)
+
+
 def parse_output_file(text: str, spec: Spec, filename: str = "<output_file>") -> dict[str, Any]:
     """The typed outputs a step wrote; validated against ``spec.outputs``."""
     values: dict[str, Any] = {}

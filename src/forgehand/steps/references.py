@@ -190,6 +190,13 @@ class Resolver:
         key = await asyncio.to_thread(os.path.realpath, step.path)
         return await self._resolve_step(step, [key])
 
+    async def resolve_reference(
+        self, ref: StepRef, base: Path, pos: Position | None = None
+    ) -> ResolvedStep:
+        """Resolve a reference given outside any step file (local paths relative to ``base``)."""
+        where = pos or Position(str(ref), 1, 1)
+        return await self._target(ref, base, [], where)
+
     async def _resolve_file(self, file: Path, stack: list[str]) -> ResolvedStep:
         key = str(file)
         if key in self._done:

@@ -172,9 +172,9 @@ class RunnerClient:
                     if response.handback:
                         yield Handback(last)
                         return
-                # A clean end without Exited: the run had already ended at after_seq. (A lost
-                # connection ends with an error status instead, raised as Unavailable.)
-                return
+                    if response.ended:
+                        return
+                raise errors.Unavailable("the attach stream was cut")
             except errors.Unavailable:
                 attempt = await self._backoff(attempt)
 

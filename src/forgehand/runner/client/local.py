@@ -63,7 +63,7 @@ class LocalTransport:
             request.run_id, request.after_seq, request.wait_seconds, request.max_batch_bytes
         )
         async for batch in _deadline_stream(batches, deadline):
-            response = pb.AttachResponse(handback=batch.handback)
+            response = pb.AttachResponse(handback=batch.handback, ended=batch.ended)
             for payload in batch.events:
                 response.events.add().MergeFromString(payload)
             yield response

@@ -6,6 +6,7 @@ import ipaddress
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
 
 METADATA_ADDRESSES = frozenset(
     {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
@@ -36,14 +37,24 @@ def embedded_ipv4(address: IPv6Address) -> IPv4Address | None:
     return None
 
 
-def blocked_reason(address: IPAddress, *, allow_loopback: bool = False) -> str | None:
-    """Why the proxy must not connect to `address`, or None when it may."""
+def blocked_reason(
+    address: IPAddress,
+    *,
+    allow_loopback: bool = False,
+    trusted: tuple[IPNetwork, ...] = (),
+) -> str | None:
+    """Why the proxy must not connect to `address`, or None when it may.
+
+    `trusted` networks (an operator's internal mirrors) pass even when private or reserved;
+    the metadata addresses never do."""
     if isinstance(address, IPv6Address) and (inner := embedded_ipv4(address)) is not None:
-        reason = blocked_reason(inner, allow_loopback=allow_loopback)
+        reason = blocked_reason(inner, allow_loopback=allow_loopback, trusted=trusted)
         return f"{reason} (embedded in {address})" if reason else None
     if address in METADATA_ADDRESSES:
         return "the cloud metadata address"
     if address.is_loopback and allow_loopback:
+        return None
+    if any(address in network for network in trusted):
         return None
     if isinstance(address, IPv4Address) and address in _CARRIER_GRADE_NAT:
         return "a carrier-grade NAT address"
@@ -54,11 +65,14 @@ def blocked_reason(address: IPAddress, *, allow_loopback: bool = False) -> str |
 
 
 def first_blocked(
-    addresses: list[IPAddress], *, allow_loopback: bool = False
+    addresses: list[IPAddress],
+    *,
+    allow_loopback: bool = False,
+    trusted: tuple[IPNetwork, ...] = (),
 ) -> tuple[IPAddress, str] | None:
     """The first address in `addresses` that is blocked, with its reason."""
     for address in addresses:
-        reason = blocked_reason(address, allow_loopback=allow_loopback)
+        reason = blocked_reason(address, allow_loopback=allow_loopback, trusted=trusted)
         if reason is not None:
             return address, reason
     return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,14 @@ def _parse_rule_string(text: str) -> dict[str, Any]:
     return {"host": host, "ports": (int(port),)}
 
 
+_NEVER_TRUSTED = (
+    ipaddress.ip_address("169.254.169.254"),
+    ipaddress.ip_address("fd00:ec2::254"),
+    ipaddress.ip_address("127.0.0.1"),
+    ipaddress.ip_address("::1"),
+)
+
+
 def _registry(*hosts: str, ports: tuple[int, ...] = (443,)) -> tuple[AllowRule, ...]:
     return tuple(AllowRule(host=host, ports=ports) for host in hosts)
 
@@ -173,6 +182,25 @@ class EgressConfig(BaseModel):
 
     allow_hint: str = ALLOW_HINT
     """Told to the client in every allowlist denial: how to allow a host."""
+
+    trusted_networks: tuple[IPv4Network | IPv6Network, ...] = ()
+    """OPERATOR SETTING, for internal mirrors: networks (CIDRs such as `203.0.113.80/32`)
+    the proxy may connect to although they are private or reserved. Empty by default.
+    Only lifts the address check for hosts already on the allowlist; loopback and the
+    cloud metadata addresses are never trusted. Keep each entry as narrow as possible."""
+
+    @field_validator("trusted_networks")
+    @classmethod
+    def _no_loopback_or_metadata(
+        cls, networks: tuple[IPv4Network | IPv6Network, ...]
+    ) -> tuple[IPv4Network | IPv6Network, ...]:
+        for network in networks:
+            if network.is_loopback or any(a in network for a in _NEVER_TRUSTED):
+                raise ValueError(
+                    f"{network} covers loopback or the cloud metadata address, which are "
+                    "never trusted: list only the mirror's own network"
+                )
+        return networks
 
     allow_loopback_for_tests: bool = False
     """TESTING ONLY: let allowlisted names and literals reach loopback addresses (127/8,

@@ -15,7 +15,8 @@ from forgehand.sandbox.egress.httpwire import Target
 READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _NEVER = (
     "The proxy never connects to private, loopback, link-local, multicast, reserved or "
-    "metadata addresses, and no configuration allows it."
+    "metadata addresses; an operator can trust an internal mirror's network "
+    "(`trusted_networks`), nothing else allows it."
 )
 
 
@@ -56,7 +57,11 @@ def check_addresses(
     config: EgressConfig, target: Target, rule: AllowRule, addresses: list[IPAddress]
 ) -> None:
     """Refuse when any address `target` resolved to is not a public unicast address."""
-    blocked = first_blocked(addresses, allow_loopback=config.allow_loopback_for_tests)
+    blocked = first_blocked(
+        addresses,
+        allow_loopback=config.allow_loopback_for_tests,
+        trusted=config.trusted_networks,
+    )
     if blocked is None:
         return
     address, why = blocked

@@ -480,8 +480,11 @@ class AttachResponse(_message.Message):
 
     EVENTS_FIELD_NUMBER: _builtins.int
     HANDBACK_FIELD_NUMBER: _builtins.int
+    ENDED_FIELD_NUMBER: _builtins.int
     handback: _builtins.bool
     """wait_seconds elapsed; the run is still going"""
+    ended: _builtins.bool
+    """the run had already ended at after_seq; nothing more will come"""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]: ...
     def __init__(
@@ -489,10 +492,11 @@ class AttachResponse(_message.Message):
         *,
         events: _abc.Iterable[Global___Event] | None = ...,
         handback: _builtins.bool = ...,
+        ended: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "handback", b"handback"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "events", b"events", "handback", b"handback"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -122,7 +122,10 @@ class RunnerServicer:
     def Attach(self, request, context):
         """Replay a run's events after after_seq, then tail them. The stream ends when the run has
         ended (the last event is Exited) or after wait_seconds with the run still going
-        (the last message then has handback = true). Ending an attach never kills the run.
+        (the last message then has handback = true). Attaching after a finished run's last event
+        gives one message with ended = true. A stream that ends in none of these three ways
+        was cut: reconnect and attach again after the last seq received. Ending an attach
+        never kills the run.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

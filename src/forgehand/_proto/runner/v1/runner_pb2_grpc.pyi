@@ -50,7 +50,10 @@ class RunnerStub:
     Attach: _grpc.UnaryStreamMultiCallable[_runner_pb2.AttachRequest, _runner_pb2.AttachResponse]
     """Replay a run's events after after_seq, then tail them. The stream ends when the run has
     ended (the last event is Exited) or after wait_seconds with the run still going
-    (the last message then has handback = true). Ending an attach never kills the run.
+    (the last message then has handback = true). Attaching after a finished run's last event
+    gives one message with ended = true. A stream that ends in none of these three ways
+    was cut: reconnect and attach again after the last seq received. Ending an attach
+    never kills the run.
     """
     WriteStdin: _grpc.UnaryUnaryMultiCallable[_runner_pb2.WriteStdinRequest, _runner_pb2.WriteStdinResponse]
     ResizePty: _grpc.UnaryUnaryMultiCallable[_runner_pb2.ResizePtyRequest, _runner_pb2.ResizePtyResponse]
@@ -80,7 +83,10 @@ class RunnerAsyncStub(RunnerStub):
     Attach: _aio.UnaryStreamMultiCallable[_runner_pb2.AttachRequest, _runner_pb2.AttachResponse]  # type: ignore[assignment]
     """Replay a run's events after after_seq, then tail them. The stream ends when the run has
     ended (the last event is Exited) or after wait_seconds with the run still going
-    (the last message then has handback = true). Ending an attach never kills the run.
+    (the last message then has handback = true). Attaching after a finished run's last event
+    gives one message with ended = true. A stream that ends in none of these three ways
+    was cut: reconnect and attach again after the last seq received. Ending an attach
+    never kills the run.
     """
     WriteStdin: _aio.UnaryUnaryMultiCallable[_runner_pb2.WriteStdinRequest, _runner_pb2.WriteStdinResponse]  # type: ignore[assignment]
     ResizePty: _aio.UnaryUnaryMultiCallable[_runner_pb2.ResizePtyRequest, _runner_pb2.ResizePtyResponse]  # type: ignore[assignment]
@@ -125,7 +131,10 @@ class RunnerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_runner_pb2.AttachResponse], _abc.AsyncIterator[_runner_pb2.AttachResponse]]:
         """Replay a run's events after after_seq, then tail them. The stream ends when the run has
         ended (the last event is Exited) or after wait_seconds with the run still going
-        (the last message then has handback = true). Ending an attach never kills the run.
+        (the last message then has handback = true). Attaching after a finished run's last event
+        gives one message with ended = true. A stream that ends in none of these three ways
+        was cut: reconnect and attach again after the last seq received. Ending an attach
+        never kills the run.
         """
 
     @_abc_1.abstractmethod

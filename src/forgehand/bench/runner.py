@@ -1,0 +1,279 @@
+"""``forgehand bench runner --json``: the runner against host baselines, side by side.
+
+- exec_rtt_ms: a no-op command (`true`) started and awaited through the runner (over its
+  unix socket, and over the stdio proxy as an exec channel would) vs
+  ``asyncio.create_subprocess_exec`` on the host, all in one run.
+- stream_mb_s: 256 MiB of stdout through the runner (journal included) vs a local pipe.
+- reconnect: 100 forced disconnects during a 64 MiB output run, through a relay whose
+  connections are cut; bytes lost and duplicated are counted against the known output,
+  and resume time is from the cut to the next event delivered.
+
+The daemon runs as its own process (``forgehand-runner serve``), as it does in a sandbox.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from forgehand.runner.client import RunnerClient
+from forgehand.runner.model import Exited, Output, RunSpec
+from forgehand.runner.pump import pump
+
+MIB = 1024 * 1024
+BLOCK = 64 * 1024
+# Writes `blocks` 64 KiB blocks, each stamped with its index, flushing each one and pausing
+# briefly so the output arrives as many events (each a chance to cut the connection).
+GENERATOR = (
+    "import sys, time\n"
+    "out = sys.stdout.buffer\n"
+    "pad = b'.' * (65536 - 16)\n"
+    "for i in range({blocks}):\n"
+    "    out.write(b'%015d\\n' % i + pad); out.flush(); time.sleep(0.0005)\n"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--runs", type=int, default=200, help="exec round trips per variant")
+    parser.add_argument("--stream-mib", type=int, default=256)
+    parser.add_argument("--reconnect-mib", type=int, default=64)
+    parser.add_argument("--disconnects", type=int, default=100)
+    parser.add_argument(
+        "--state-parent",
+        default="/dev/shm" if os.path.isdir("/dev/shm") else "/tmp",
+        help="where the daemon's state dir goes; a sandbox keeps it on a tmpfs, and so does "
+        "the benchmark by default",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    result = asyncio.run(run_benchmark(args))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    base = Path(tempfile.mkdtemp(prefix="fh-bench-", dir=args.state_parent))
+    try:
+        async with daemon(base, journal_mib=max(512, 2 * args.stream_mib)) as socket:
+            return {
+                "exec_rtt_ms": await exec_rtt(socket, args.runs),
+                "stream_mb_s": await stream(socket, args.stream_mib),
+                "reconnect": await reconnect(socket, base, args.reconnect_mib, args.disconnects),
+                "machine": machine(),
+            }
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def daemon(base: Path, journal_mib: int) -> AsyncIterator[Path]:
+    socket = base / "runner.sock"
+    (base / "work").mkdir()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "forgehand.runner.cli",
+        "serve",
+        "--socket",
+        str(socket),
+        "--state-dir",
+        str(base / "state"),
+        "--root",
+        str(base / "work"),
+        "--journal-max-bytes",
+        str(journal_mib * MIB),
+        stdin=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    await process.stderr.readline()
+    try:
+        yield socket
+    finally:
+        process.terminate()
+        await process.wait()
+        _stop_keeper(base / "state")
+
+
+def _stop_keeper(state: Path) -> None:
+    for line in Path("/proc/locks").read_text().splitlines():
+        parts = line.split()
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if parts[5].endswith(f":{(state / 'keeper.lock').stat().st_ino}"):
+                os.kill(int(parts[4]), 9)
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return {"p50": round(statistics.median(ordered), 3), "p99": round(p99, 3)}
+
+
+async def timed(call: Callable[[], Awaitable[object]], runs: int) -> list[float]:
+    for _ in range(max(5, runs // 10)):  # warm up
+        await call()
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        await call()
+        samples.append((time.perf_counter() - start) * 1000)
+    return samples
+
+
+async def exec_rtt(socket: Path, runs: int) -> dict[str, dict[str, float]]:
+    spec = RunSpec(argv=("true",))
+
+    async def host() -> None:
+        process = await asyncio.create_subprocess_exec("true")
+        await process.wait()
+
+    proxy = [sys.executable, "-m", "forgehand.runner.cli", "proxy", "--socket", str(socket)]
+    async with RunnerClient.unix(socket) as unix, RunnerClient.exec(proxy) as stdio:
+        return {
+            "runner_unix": percentiles(await timed(lambda: unix.run(spec), runs)),
+            "runner_stdio_proxy": percentiles(await timed(lambda: stdio.run(spec), runs)),
+            "host_subprocess": percentiles(await timed(host, runs)),
+        }
+
+
+async def stream(socket: Path, mib: int) -> dict[str, float]:
+    argv = ("head", "-c", str(mib * MIB), "/dev/zero")
+    async with RunnerClient.unix(socket) as client:
+        start = time.perf_counter()
+        received = 0
+        run_id = await client.start(RunSpec(argv=argv))
+        async for event in client.attach(run_id):
+            if isinstance(event, Output):
+                received += len(event.data)
+        runner_s = time.perf_counter() - start
+        await client.close_run(run_id)
+    pipe_s = await _pipe_seconds(argv)
+    assert received == mib * MIB, f"runner delivered {received} of {mib * MIB} bytes"
+    return {
+        "runner": round(mib * MIB / runner_s / 1e6, 1),
+        "pipe": round(mib * MIB / pipe_s / 1e6, 1),
+    }
+
+
+async def _pipe_seconds(argv: tuple[str, ...]) -> float:
+    start = time.perf_counter()
+    process = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
+    assert process.stdout is not None
+    while await process.stdout.read(MIB):
+        pass
+    await process.wait()
+    return time.perf_counter() - start
+
+
+class Relay:
+    """A unix-socket relay in front of the runner whose connections can be cut."""
+
+    def __init__(self, target: Path, path: Path) -> None:
+        self.target, self.path = target, path
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_unix_connection(str(self.target))
+        self.writers += [writer, up_writer]
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        writer.close()
+        up_writer.close()
+
+    def cut(self) -> None:
+        cut, self.writers = self.writers, []
+        for writer in cut:
+            writer.transport.abort()
+
+
+async def reconnect(socket: Path, base: Path, mib: int, disconnects: int) -> dict[str, Any]:
+    blocks = mib * MIB // BLOCK
+    relay = Relay(socket, base / "relay.sock")
+    server = await asyncio.start_unix_server(relay.serve, str(relay.path))
+    spec = RunSpec(argv=("/usr/bin/python3", "-c", GENERATOR.format(blocks=blocks)))
+    seen: dict[int, int] = {}
+    resumes: list[float] = []
+    cuts = 0
+    cut_at = 0.0
+    every = max(1, blocks // (disconnects + 1))
+    _partial.clear()
+    try:
+        async with RunnerClient.unix(relay.path) as client:
+            run_id = await client.start(spec)
+            received_blocks, reconnects_at_cut = 0, 0
+            async for event in client.attach(run_id):
+                if cut_at and client.reconnects > reconnects_at_cut:
+                    resumes.append((time.perf_counter() - cut_at) * 1000)
+                    cut_at = 0.0
+                if isinstance(event, Output):
+                    received_blocks += _count_blocks(event.data, seen)
+                    if cuts < disconnects and received_blocks >= every * (cuts + 1):
+                        cuts += 1
+                        reconnects_at_cut = client.reconnects
+                        cut_at = time.perf_counter()
+                        relay.cut()
+                elif isinstance(event, Exited):
+                    break
+            reconnects = client.reconnects
+    finally:
+        server.close()
+        relay.cut()
+    lost = sum(1 for i in range(blocks) if i not in seen) * BLOCK
+    duplicated = sum(count - 1 for count in seen.values()) * BLOCK
+    return {
+        "disconnects": cuts,
+        "reconnects": reconnects,
+        "bytes_lost": lost,
+        "bytes_duplicated": duplicated,
+        "resume_ms_p50": round(statistics.median(resumes), 3) if resumes else None,
+        "resume_ms_p99": percentiles(resumes)["p99"] if resumes else None,
+    }
+
+
+_partial = bytearray()
+
+
+def _count_blocks(data: bytes, seen: dict[int, int]) -> int:
+    """Count each whole 64 KiB block by its stamped index (blocks may span events)."""
+    _partial.extend(data)
+    whole = len(_partial) // BLOCK
+    for k in range(whole):
+        index = int(_partial[k * BLOCK : k * BLOCK + 15])
+        seen[index] = seen.get(index, 0) + 1
+    del _partial[: whole * BLOCK]
+    return whole
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "os": _os_name(),
+    }
+
+
+def _os_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return line.split("=", 1)[1].strip('"')
+    return subprocess.run(["uname", "-s"], capture_output=True, text=True).stdout.strip()

@@ -1,0 +1,194 @@
+"""``forgehand bench sandbox``: what a sandbox costs, per available backend.
+
+Measured in one run, next to the host's own plain spawn of ``true``:
+
+- ``start_ms``: a warm pool hands out a started sandbox → ``true`` has run through its
+  runner (the Exited event is its first output). ``cold_start_ms``: the same from
+  ``create`` (bwrap, cgroup, runner start and readiness included). p50 and p99.
+- ``idle_pss_mb``: PSS (``/proc/<pid>/smaps_rollup``) summed over one idle sandbox's
+  processes, runner included (null when the backend cannot list its processes).
+- ``density``: idle sandboxes of the default backend started one after another until
+  30 s, 16 GiB of PSS or ``density_max``; how many, how long, and their total PSS.
+
+Every sandbox is destroyed before the function returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+import uuid
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from forgehand.runner.model import RunSpec
+from forgehand.sandbox.backend import Sandbox, SandboxBackend, choose_backend, load_backends
+from forgehand.sandbox.pool import SandboxPool
+from forgehand.sandbox.spec import SandboxSpec
+
+WORK_ROOT = Path("/run/forgehand/work")
+DENSITY_SECONDS = 30.0
+DENSITY_BYTES = 16 << 30
+MIB = 1 << 20
+TRUE = RunSpec(argv=("true",), env={"PATH": "/usr/bin:/bin"})
+
+
+@runtime_checkable
+class ListsProcesses(Protocol):
+    """A sandbox that can name its host pids (bwrap: its cgroup's members)."""
+
+    async def member_pids(self) -> set[int]: ...
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """How much to measure; the defaults are the published numbers' settings."""
+
+    runs: int = 20
+    density_max: int = 100
+    density_seconds: float = DENSITY_SECONDS
+    pool_size: int = 2
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    """p50 and p99 (nearest rank) of ``samples``, rounded to 0.01."""
+    ordered = sorted(samples)
+    p99 = ordered[min(len(ordered) - 1, max(0, round(0.99 * len(ordered)) - 1))]
+    return {"p50": round(statistics.median(ordered), 2), "p99": round(p99, 2)}
+
+
+def pss_bytes(pids: set[int]) -> int:
+    """Summed PSS of ``pids``; processes that vanished count 0."""
+    total = 0
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1]) * 1024
+                break
+    return total
+
+
+async def sandbox_pss(sandbox: Sandbox) -> int | None:
+    """The sandbox's PSS in bytes, or None if its backend cannot list its processes."""
+    if not isinstance(sandbox, ListsProcesses):
+        return None
+    pids = await sandbox.member_pids()
+    return await asyncio.to_thread(pss_bytes, pids)
+
+
+def bench_spec(work_dir: Path) -> SandboxSpec:
+    """The spec every benchmarked sandbox uses (small limits, no network)."""
+    return SandboxSpec.model_validate(
+        {
+            "work_dir": {"host_path": str(work_dir), "size_bytes": "64M"},
+            "limits": {"memory_bytes": "512M", "pids": 128, "disk_bytes": "256M"},
+        }
+    )
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
+
+
+async def host_spawn_ms(runs: int) -> list[float]:
+    """The host's plain spawn and wait of ``true``."""
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        process = await asyncio.create_subprocess_exec("true")
+        await process.wait()
+        samples.append(_ms_since(started))
+    return samples
+
+
+async def cold_start_ms(backend: SandboxBackend, work_root: Path, runs: int) -> list[float]:
+    """``create`` → ``true`` has run through the runner; destroy is not counted."""
+    samples = []
+    for _ in range(runs):
+        spec = bench_spec(work_root / uuid.uuid4().hex[:12])
+        started = time.perf_counter()
+        async with backend.create(spec) as sandbox:
+            await sandbox.client.run(TRUE)
+            samples.append(_ms_since(started))
+    return samples
+
+
+async def warm_start_ms(
+    backend: SandboxBackend, work_root: Path, options: BenchOptions
+) -> tuple[list[float], int | None]:
+    """Warm-pool start samples (the pool is full before each), and one sandbox's PSS."""
+    samples: list[float] = []
+    idle: int | None = None
+    async with SandboxPool(backend, bench_spec(work_root), options.pool_size) as pool:
+        for _ in range(options.runs):
+            await pool.wait_full()
+            started = time.perf_counter()
+            async with pool.acquire() as sandbox:
+                await sandbox.client.run(TRUE)
+                samples.append(_ms_since(started))
+                if idle is None:
+                    idle = await sandbox_pss(sandbox)
+    return samples, idle
+
+
+async def density(
+    backend: SandboxBackend, work_root: Path, options: BenchOptions
+) -> dict[str, Any]:
+    """Start idle sandboxes until the time, memory or count cap; then destroy them all."""
+    started_at = time.perf_counter()
+    total_pss = 0
+    count = 0
+    async with AsyncExitStack() as stack:
+        while count < options.density_max and total_pss < DENSITY_BYTES:
+            if time.perf_counter() - started_at > options.density_seconds:
+                break
+            spec = bench_spec(work_root / uuid.uuid4().hex[:12])
+            sandbox = await stack.enter_async_context(backend.create(spec))
+            count += 1
+            total_pss += await sandbox_pss(sandbox) or 0
+        seconds = time.perf_counter() - started_at
+    return {
+        "backend": backend.name,
+        "started": count,
+        "seconds": round(seconds, 2),
+        "total_pss_mb": round(total_pss / MIB, 1),
+    }
+
+
+async def bench_backend(
+    backend: SandboxBackend, work_root: Path, options: BenchOptions
+) -> dict[str, Any]:
+    warm, idle = await warm_start_ms(backend, work_root, options)
+    cold = await cold_start_ms(backend, work_root, options.runs)
+    return {
+        "start_ms": percentiles(warm),
+        "cold_start_ms": percentiles(cold),
+        "idle_pss_mb": None if idle is None else round(idle / MIB, 1),
+    }
+
+
+def available_backends() -> list[SandboxBackend]:
+    """An instance of every registered backend that works on this machine."""
+    backends = [factory() for factory in load_backends().values()]
+    return [backend for backend in backends if backend.availability().available]
+
+
+async def run_bench(options: BenchOptions, work_root: Path = WORK_ROOT) -> dict[str, Any]:
+    """Every measurement, as the one JSON object ``forgehand bench sandbox`` prints."""
+    await asyncio.to_thread(work_root.mkdir, 0o711, True, True)
+    host = await host_spawn_ms(options.runs)
+    backends = await asyncio.to_thread(available_backends)
+    results = {b.name: await bench_backend(b, work_root, options) for b in backends}
+    default = await asyncio.to_thread(choose_backend, bench_spec(work_root))
+    return {
+        "host_spawn_ms": percentiles(host),
+        "backends": results,
+        "density": await density(default, work_root, options),
+    }

@@ -1,0 +1,167 @@
+"""``forgehand sandbox run|ls|gc`` and ``forgehand doctor``.
+
+``sandbox run`` starts one sandbox, runs the command through its runner, writes the
+command's stdout and stderr byte for byte to its own, and exits with the command's code.
+A limit breach (oom, timeout, output limit) prints the reason on stderr and exits
+non-zero (128 + signal when the command was killed, else 125).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from forgehand.cli.runner import RUNNER_FAILURE, stream_run
+from forgehand.runner import errors as runner_errors
+from forgehand.sandbox.backend import Sandbox, SandboxBackend, choose_backend, load_backends
+from forgehand.sandbox.errors import SandboxError
+from forgehand.sandbox.runs import run_spec
+from forgehand.sandbox.spec import SandboxSpec
+
+WORK_ROOT = Path("/run/forgehand/work")
+USAGE_ERROR = 2
+
+
+def register(commands: Any) -> None:
+    sandbox = commands.add_parser("sandbox", help="run commands in sandboxes, list, clean up")
+    sub = sandbox.add_subparsers(dest="sandbox_command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run one command in a new sandbox")
+    _run_options(run)
+    run.set_defaults(handler=lambda a: _sync(_run(a)))
+    ls = sub.add_parser("ls", help="list this machine's sandboxes")
+    ls.set_defaults(handler=lambda a: _sync(_ls(a)))
+    gc = sub.add_parser("gc", help="destroy sandboxes whose owner process is gone")
+    gc.set_defaults(handler=lambda a: _sync(_gc(a)))
+    doctor = commands.add_parser("doctor", help="which sandbox backends work here, and why")
+    doctor.set_defaults(handler=_doctor)
+
+
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=("bwrap", "gvisor", "podman"), default=None)
+    parser.add_argument("--network", choices=("none", "proxy"), default="none")
+    parser.add_argument(
+        "--allow-host", action="append", default=[], metavar="HOST", help="repeatable"
+    )
+    parser.add_argument("--memory", default="512M", help="memory limit, e.g. 512M")
+    parser.add_argument("--pids", type=int, default=256, help="processes and threads")
+    parser.add_argument("--disk", default="1G", help="work dir and /tmp size cap")
+    parser.add_argument("--timeout", type=float, default=60.0, help="wall time, seconds")
+    parser.add_argument(
+        "--isolation", choices=("process", "kernel", "container"), default="process"
+    )
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS…]")
+
+
+def build_spec(args: argparse.Namespace, work_dir: Path) -> SandboxSpec:
+    """The SandboxSpec the ``sandbox run`` options describe."""
+    network: dict[str, Any] = {"mode": args.network}
+    if args.network == "proxy":
+        network["allow_hosts"] = tuple(args.allow_host)
+    return SandboxSpec.model_validate(
+        {
+            "work_dir": {"host_path": str(work_dir)},
+            "limits": {
+                "memory_bytes": args.memory,
+                "pids": args.pids,
+                "disk_bytes": args.disk,
+                "wall_time_seconds": args.timeout,
+            },
+            "network": network,
+            "isolation": args.isolation,
+        }
+    )
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    command: list[str] = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if args.allow_host and args.network != "proxy":
+        raise _UsageError("--allow-host needs --network proxy")
+    if not command:
+        raise _UsageError("give the command after --, e.g. `forgehand sandbox run -- echo hi`")
+    return command
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _sync(coro: Any) -> int:
+    try:
+        code: int = asyncio.run(coro)
+    except _UsageError as exc:
+        print(f"forgehand: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except ValidationError as exc:
+        print(f"forgehand: invalid sandbox options:\n{exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except (SandboxError, runner_errors.RunnerError) as exc:
+        print(f"forgehand: {exc}", file=sys.stderr)
+        return RUNNER_FAILURE
+    return code
+
+
+async def _run(args: argparse.Namespace) -> int:
+    command = _command(args)
+    work_dir = WORK_ROOT / uuid.uuid4().hex[:16]
+    spec = build_spec(args, work_dir)
+    backend = await asyncio.to_thread(choose_backend, spec, args.backend)
+    await asyncio.to_thread(_make_work_root)
+    async with backend.create(spec) as sandbox:
+        return await _run_in(sandbox, spec, command)
+
+
+async def _run_in(sandbox: Sandbox, spec: SandboxSpec, command: list[str]) -> int:
+    runner_spec = run_spec(spec, command)
+    run_id = await sandbox.client.start(runner_spec)
+    return await stream_run(sandbox.client, run_id, 0)
+
+
+def _make_work_root() -> None:
+    WORK_ROOT.mkdir(mode=0o711, parents=True, exist_ok=True)
+
+
+def _available_backends() -> list[SandboxBackend]:
+    backends = [factory() for factory in load_backends().values()]
+    return [backend for backend in backends if backend.availability().available]
+
+
+async def _ls(_args: argparse.Namespace) -> int:
+    for backend in await asyncio.to_thread(_available_backends):
+        for record in await backend.list_sandboxes():
+            print(
+                f"{record.backend}\t{record.sandbox_id}\t{record.state}\t"
+                f"owner={record.owner_pid}\t{record.detail}"
+            )
+    return 0
+
+
+async def _gc(_args: argparse.Namespace) -> int:
+    removed = 0
+    for backend in await asyncio.to_thread(_available_backends):
+        for record in await backend.reap():
+            print(f"removed {record.backend} {record.sandbox_id} (owner {record.owner_pid} gone)")
+            removed += 1
+    print(f"{removed} leftover sandbox(es) removed")
+    return 0
+
+
+def _doctor(_args: argparse.Namespace) -> int:
+    usable = 0
+    for name, factory in load_backends().items():
+        try:
+            status = factory().availability()
+        except Exception as exc:  # a broken backend must not hide the others
+            print(f"{name:8} broken     {type(exc).__name__}: {exc}")
+            continue
+        usable += status.available
+        verdict = "available" if status.available else "missing  "
+        print(f"{name:8} {verdict}  isolation={status.isolation}  {status.detail}")
+    if not usable:
+        print("no sandbox backend works here: install `bubblewrap` (and run as root)")
+    return 0 if usable else 1

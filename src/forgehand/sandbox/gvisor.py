@@ -1,0 +1,652 @@
+"""The gVisor backend: ``runsc run`` of an OCI bundle whose one process is the runner.
+
+    backend = GVisorBackend()
+    async with backend.create(spec) as sandbox:          # isolation "kernel"
+        result = await sandbox.run(["pytest", "-q"])
+        sandbox.ended                                     # None, or why it ended (oom …)
+
+The host reaches the runner through ``runsc exec … forgehand-runner proxy`` (an exec
+channel: no socket the sandbox could swap for a symlink). Host side, under
+``<state_dir>/<sandbox-id>/``: ``record.json`` (the registry), ``bundle/`` (config.json
+and the read-only rootfs, see ``forgehand.sandbox.rootfs``) and ``runner.log``.
+
+Limits: the sandbox runs in our own cgroup ``forgehand/<id>.<owner>`` (runsc joins an
+existing group and leaves its limits alone). gVisor ends the *whole* sandbox when the
+group runs out of memory, and when its own threads hit the pids limit: ``ended`` then says
+``oom`` or ``limit``. Since gVisor's threads and stub processes count, the host's pids
+limit is the overhead measured once the runner is up plus ``pids_per_task`` per process
+the workload may have. The work dir is a size-capped host tmpfs, /tmp a sized gVisor tmpfs.
+Runs get the wall time as their timeout; the sandbox ends (``timeout``) a little later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from ipaddress import IPv4Network, IPv6Network
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from forgehand.runner import errors as runner_errors
+from forgehand.runner.client import RunnerClient
+from forgehand.runner.model import ExitReason, RunResult, RunSpec
+from forgehand.sandbox import cgroups, rootfs
+from forgehand.sandbox.backend import (
+    ISOLATION_RANK,
+    Achieved,
+    Availability,
+    SandboxRecord,
+    register_backend,
+)
+from forgehand.sandbox.cgroups import CgroupGroup, Controller
+from forgehand.sandbox.egress import EgressProxy
+from forgehand.sandbox.errors import (
+    BackendUnavailable,
+    IsolationUnavailable,
+    SandboxError,
+    SandboxLaunchError,
+    SandboxStateError,
+)
+from forgehand.sandbox.registry import DEFAULT_ROOT, Entry, Registry, own_entry
+from forgehand.sandbox.runs import run_environment, run_spec
+from forgehand.sandbox.spec import (
+    ByteSize,
+    IsolationLevel,
+    Limits,
+    NoNetwork,
+    ProxyNetwork,
+    SandboxSpec,
+)
+
+NAME = "gvisor"
+DEFAULT_RUNSC_ROOT = Path("/run/forgehand/runsc")
+FIRST_GOOD_RELEASE = 20230101
+"""Debian 12's own runsc (release 20221219) fails even ``ls /`` on these machines."""
+INSTALL_HINT = (
+    "add `deb http://deb.debian.org/debian bookworm-backports main` to "
+    "/etc/apt/sources.list.d/ and run `apt-get install -t bookworm-backports runsc`"
+)
+BOOT_PIDS = 256
+_RELEASE_RE = re.compile(r"(\d{8})")
+
+
+class GVisorConfig(BaseModel):
+    """Settings of the gVisor backend, read once when the backend is made."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    type: Literal["gvisor"] = "gvisor"
+    """Backend discriminator."""
+    runsc: str = "runsc"
+    """The runsc binary (a name on PATH or a path)."""
+    platform: Literal["systrap", "ptrace"] = "systrap"
+    """How gVisor intercepts syscalls; ``kvm`` is not offered (it hangs on nested VMs)."""
+    state_dir: Path = DEFAULT_ROOT
+    """Host directory of the sandbox registry and each sandbox's bundle and log."""
+    runsc_root: Path = DEFAULT_RUNSC_ROOT
+    """runsc's own state directory (``runsc --root``)."""
+    ready_timeout_seconds: float = Field(default=60.0, gt=0)
+    """How long ``create`` waits for the runner to answer."""
+    runner_state_bytes: ByteSize = 256 << 20
+    """Size of the tmpfs holding the runner's journals (counts against memory)."""
+    pids_per_task: int = Field(default=3, ge=1)
+    """Host pids gVisor needs per workload process or thread (systrap: about 2.5)."""
+    wall_time_grace_seconds: float = Field(default=2.0, ge=0)
+    """Runs time out at the wall time; the sandbox is ended this much later."""
+    egress_ports: tuple[int, ...] = (80, 443)
+    """Ports the egress proxy allows for ``allow_hosts``."""
+    trusted_networks: tuple[IPv4Network | IPv6Network, ...] = ()
+    """Passed to the egress proxy (see ``EgressConfig``)."""
+    allow_loopback_for_tests: bool = False
+    """TESTING ONLY: lets the egress proxy reach loopback servers."""
+
+
+class SandboxState(StrEnum):
+    """Lifecycle of a ``GVisorSandbox``."""
+
+    CREATED = "created"
+    STARTING = "starting"
+    READY = "ready"
+    ENDED = "ended"
+    """The sandbox stopped on its own (see ``ended``): only destroy remains."""
+    DESTROYING = "destroying"
+    DESTROYED = "destroyed"
+    FAILED = "failed"
+    """Start or destroy failed; ``reap`` removes what is left once the owner is gone."""
+
+
+@dataclass(frozen=True)
+class SandboxEnd:
+    """Why a sandbox stopped before it was destroyed."""
+
+    reason: ExitReason
+    """``oom``, ``limit`` (pids), ``timeout`` (wall time) or ``exited``."""
+    detail: str
+
+
+def runsc_release(runsc: str) -> tuple[str, int | None]:
+    """runsc's version line and its release date as YYYYMMDD (blocking)."""
+    try:
+        done = subprocess.run([runsc, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BackendUnavailable(f"runsc does not run ({exc}): {INSTALL_HINT}") from exc
+    line = done.stdout.splitlines()[0] if done.stdout else done.stderr.strip()
+    match = _RELEASE_RE.search(line)
+    return line, int(match.group(1)) if match else None
+
+
+def check_host(config: GVisorConfig) -> str:
+    """What the backend will use, or BackendUnavailable saying what to install (blocking)."""
+    path = shutil.which(config.runsc)
+    if path is None:
+        raise BackendUnavailable(f"runsc not found: {INSTALL_HINT}")
+    line, release = runsc_release(path)
+    if release is not None and release < FIRST_GOOD_RELEASE:
+        raise BackendUnavailable(
+            f"{path} is {line!r}, a release that fails even `ls /` here: {INSTALL_HINT}"
+        )
+    if os.geteuid() != 0:
+        raise BackendUnavailable("the gvisor backend needs root (runsc, cgroups, work dir tmpfs)")
+    cgroups.require_hierarchies(cgroups.detect_hierarchies())
+    rootfs.RunnerInstall.current().check()
+    return f"{path} ({line}), platform {config.platform}"
+
+
+def check_spec(spec: SandboxSpec) -> None:
+    """Fail closed on what this backend cannot give."""
+    if ISOLATION_RANK[spec.isolation] > ISOLATION_RANK["kernel"]:
+        raise IsolationUnavailable(f"gvisor cannot give isolation {spec.isolation!r}")
+    if not isinstance(spec.network, NoNetwork | ProxyNetwork):
+        raise IsolationUnavailable(
+            "the gvisor backend offers network 'none' or 'proxy', not 'open': use 'proxy' "
+            "with an allowlist"
+        )
+    rootfs.check_work_path(spec)
+
+
+def mount_points(spec: SandboxSpec) -> list[PurePosixPath]:
+    """Every path the bundle mounts on, which must exist in the read-only rootfs."""
+    points = [PurePosixPath(p) for p in rootfs.host_binds()]
+    points += [target for _, target in rootfs.RunnerInstall.current().mounts()]
+    points += [PurePosixPath(spec.work_dir.sandbox_path)]
+    points += [PurePosixPath(m.destination) for m in spec.ro_mounts]
+    if isinstance(spec.network, ProxyNetwork):
+        points.append(rootfs.EGRESS_SOCKET)
+    return points
+
+
+def _bind(source: Path, target: PurePosixPath | Path, *, writable: bool = False) -> dict[str, Any]:
+    options = ["rbind", "rw" if writable else "ro"]
+    return {"destination": str(target), "type": "bind", "source": str(source), "options": options}
+
+
+def _tmpfs(target: str, size: int, mode: str) -> dict[str, Any]:
+    options = ["nosuid", "nodev", f"size={size}", f"mode={mode}"]
+    return {"destination": target, "type": "tmpfs", "source": "tmpfs", "options": options}
+
+
+def oci_mounts(
+    spec: SandboxSpec, config: GVisorConfig, egress: Path | None
+) -> list[dict[str, Any]]:
+    """The bundle's mounts: system, runner, scratch, work dir, extra and egress."""
+    mounts: list[dict[str, Any]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
+        _tmpfs("/tmp", spec.limits.disk_bytes, "1777"),
+        _tmpfs(str(rootfs.RUN_DIR.parent), config.runner_state_bytes, "1777"),
+    ]
+    mounts += [_bind(path, path) for path in rootfs.host_binds()]
+    mounts += [_bind(src, dst) for src, dst in rootfs.RunnerInstall.current().mounts()]
+    mounts.append(_bind(spec.work_dir.host_path, spec.work_dir.sandbox_path, writable=True))
+    mounts += [_bind(m.source, m.destination) for m in spec.ro_mounts]
+    if egress is not None:
+        mounts.append(_bind(egress, rootfs.EGRESS_SOCKET, writable=True))
+    return mounts
+
+
+def oci_config(
+    spec: SandboxSpec, config: GVisorConfig, cgroup_path: str, egress: Path | None
+) -> dict[str, Any]:
+    """The bundle's config.json: the runner as an unprivileged user, no capabilities."""
+    env = rootfs.runner_env(spec)
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "user": {"uid": rootfs.SANDBOX_UID, "gid": rootfs.SANDBOX_GID},
+            "args": rootfs.serve_argv(spec),
+            "env": [f"{k}={v}" for k, v in env.items()],
+            "cwd": "/",
+            "capabilities": {k: [] for k in ("bounding", "effective", "permitted")},
+            "noNewPrivileges": True,
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+        },
+        "root": {"path": "rootfs", "readonly": True},
+        "hostname": "sandbox",
+        "mounts": oci_mounts(spec, config, egress),
+        "linux": {
+            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
+            "resources": {"memory": {"limit": spec.limits.memory_bytes}},
+            "cgroupsPath": cgroup_path,
+        },
+    }
+
+
+class GVisorSandbox:
+    """One running gVisor sandbox with its runner (the ``Sandbox`` Protocol)."""
+
+    def __init__(self, spec: SandboxSpec, config: GVisorConfig) -> None:
+        self.spec = spec
+        self.config = config
+        self.state = SandboxState.CREATED
+        self._id = f"forgehand-{uuid.uuid4().hex[:12]}"
+        self._registry = Registry(config.state_dir)
+        self._dir = self._registry.directory(self._id)
+        self._client = RunnerClient.exec(self._exec_argv(rootfs.proxy_argv()))
+        self._group: CgroupGroup | None = None
+        self._proxy: EgressProxy | None = None
+        self._achieved: Achieved | None = None
+        self._ended: SandboxEnd | None = None
+        self._work_made = False
+        self._work_mounted = False
+        self._started = False
+        self._pids_events_before = 0
+        self._watcher: asyncio.Task[None] | None = None
+        self._expired = False
+        self.host_pids_max = 0
+        """The host pids limit really set: gVisor's overhead + ``pids_per_task`` x pids."""
+
+    # -- the Sandbox Protocol ------------------------------------------------------------
+
+    @property
+    def sandbox_id(self) -> str:
+        return self._id
+
+    @property
+    def client(self) -> RunnerClient:
+        return self._client
+
+    @property
+    def achieved(self) -> Achieved:
+        if self._achieved is None:
+            raise SandboxStateError(f"sandbox {self._id} is {self.state.value}: start it first")
+        return self._achieved
+
+    @property
+    def work_dir(self) -> Path:
+        return self.spec.work_dir.host_path
+
+    # -- runs and status -----------------------------------------------------------------
+
+    @property
+    def ended(self) -> SandboxEnd | None:
+        """Why the sandbox stopped on its own (oom, limit, timeout), or None while it runs."""
+        return self._ended
+
+    @property
+    def directory(self) -> Path:
+        """The sandbox's host-side state directory."""
+        return self._dir
+
+    @property
+    def cgroup(self) -> CgroupGroup | None:
+        """The host cgroup the whole sandbox (gVisor included) runs in."""
+        return self._group
+
+    @property
+    def run_env(self) -> dict[str, str]:
+        """The environment runs should get (``runs.run_environment``)."""
+        return run_environment(self.spec)
+
+    def run_spec(self, argv: tuple[str, ...] | list[str] = (), **fields: Any) -> RunSpec:
+        """``runs.run_spec``: cwd, env, output cap and the wall time as timeout."""
+        return run_spec(self.spec, argv, **fields)
+
+    async def run(self, argv: tuple[str, ...] | list[str] = (), **fields: Any) -> RunResult:
+        """Run a command to its end with the sandbox's defaults."""
+        self._require(SandboxState.READY, "run in")
+        return await self._client.run(self.run_spec(argv, **fields))
+
+    async def wait_ended(self) -> SandboxEnd:
+        """Wait until the sandbox stops on its own and say why."""
+        if self._watcher is not None:
+            await asyncio.shield(self._watcher)
+        if self._ended is None:
+            raise SandboxStateError(f"sandbox {self._id} is {self.state.value}, not running")
+        return self._ended
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Set everything up and return once the runner answers."""
+        self._require(SandboxState.CREATED, "start")
+        self.state = SandboxState.STARTING
+        try:
+            await self._launch()
+        except BaseException:
+            await rootfs.uncancellable(self._teardown_quietly())
+            self.state = SandboxState.FAILED
+            raise
+        self.state = SandboxState.READY
+
+    async def destroy(self) -> None:
+        """Kill the sandbox and remove every trace. Idempotent; survives cancellation."""
+        if self.state in (SandboxState.DESTROYED, SandboxState.CREATED):
+            return
+        await rootfs.uncancellable(self._destroy())
+
+    async def _destroy(self) -> None:
+        self.state = SandboxState.DESTROYING
+        failures = await self._teardown()
+        if failures:
+            self.state = SandboxState.FAILED
+            raise SandboxError(
+                f"sandbox {self._id} was not fully destroyed ({failures[0]}); "
+                "`forgehand sandbox gc` removes what is left once this process has ended"
+            ) from failures[0]
+        self.state = SandboxState.DESTROYED
+
+    async def _launch(self) -> None:
+        check_spec(self.spec)
+        await asyncio.to_thread(check_host, self.config)
+        self._work_made = not await asyncio.to_thread(self.work_dir.exists)
+        entry = own_entry(NAME, self._id, self.work_dir, self._work_made)
+        await asyncio.to_thread(self._registry.add, entry)
+        await self._make_cgroup()
+        await rootfs.mount_work_dir(self.work_dir, self.spec.work_dir_bytes)
+        self._work_mounted = True
+        if isinstance(self.spec.network, ProxyNetwork):
+            self._proxy = await rootfs.start_egress(self._dir, self.spec.network, self.config)
+        await asyncio.to_thread(self._write_bundle)
+        await self._run_sandbox()
+        await self._wait_ready()
+        await asyncio.to_thread(self._fit_pids_limit)
+        if self._proxy is not None:
+            async with asyncio.timeout(self.config.ready_timeout_seconds):
+                await rootfs.start_forwarder(self._client)
+        self._achieved = await asyncio.to_thread(self._read_achieved)
+        self._watcher = asyncio.create_task(self._watch())
+
+    async def _make_cgroup(self) -> None:
+        self._group = await asyncio.to_thread(CgroupGroup.create, self._id)
+        limits = self.spec.limits
+        boot_pids = BOOT_PIDS + self.config.pids_per_task * limits.pids
+        await asyncio.to_thread(
+            self._group.set_limits, limits.memory_bytes, boot_pids, limits.cpu_cores
+        )
+        self._pids_events_before = await asyncio.to_thread(_pids_events, self._group)
+
+    def _write_bundle(self) -> None:
+        assert self._group is not None
+        bundle = self._dir / "bundle"
+        bundle.mkdir(mode=0o711)
+        rootfs.prepare_rootfs(bundle / "rootfs", self.spec, mount_points(self.spec))
+        egress = self._proxy.socket_path if self._proxy is not None else None
+        config = oci_config(self.spec, self.config, f"/{cgroups.PARENT}/{self._group.name}", egress)
+        (bundle / "config.json").write_text(json.dumps(config, indent=1))
+
+    def _runsc(self, *arguments: str) -> list[str]:
+        base = [self.config.runsc, "--root", str(self.config.runsc_root)]
+        base += ["--platform", self.config.platform, "--network", "none", "--overlay2", "none"]
+        if self._proxy is not None:
+            base.append("--host-uds=open")
+        return [*base, *arguments]
+
+    def _exec_argv(self, command: list[str]) -> list[str]:
+        env = {k: v for k, v in rootfs.runner_env(self.spec).items() if k in ("PATH", "PYTHONPATH")}
+        user = f"{rootfs.SANDBOX_UID}:{rootfs.SANDBOX_GID}"
+        flags = ["--user", user, "--cwd", "/", *(f"--env={k}={v}" for k, v in env.items())]
+        base = [self.config.runsc, "--root", str(self.config.runsc_root), "exec"]
+        return [*base, *flags, self._id, *command]
+
+    async def _run_sandbox(self) -> None:
+        log = await asyncio.to_thread(_open_log, self._dir / "runner.log")
+        try:
+            argv = self._runsc("run", "--detach", "--bundle", str(self._dir / "bundle"), self._id)
+            process = await asyncio.create_subprocess_exec(
+                *argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
+            self._started = True
+            code = await process.wait()
+        finally:
+            os.close(log)
+        if code != 0:
+            raise await self._launch_error(f"`runsc run` failed with status {code}")
+
+    async def _wait_ready(self) -> None:
+        deadline = _now() + self.config.ready_timeout_seconds
+        log = self._dir / "runner.log"
+        while b"serving on" not in await asyncio.to_thread(_read_bytes, log):
+            if _now() > deadline or not await self._running():
+                raise await self._launch_error("the runner did not start")
+            await asyncio.sleep(0.02)
+        try:
+            async with asyncio.timeout(max(0.001, deadline - _now())):
+                await self._client.capabilities()
+        except (TimeoutError, runner_errors.RunnerError) as exc:
+            error = await self._launch_error(f"the runner did not answer ({exc or 'timeout'})")
+            raise error from exc
+
+    async def _running(self) -> bool:
+        code, text = await rootfs.run_host(self._runsc_state(), check=False)
+        return code == 0 and '"running"' in text
+
+    def _runsc_state(self) -> list[str]:
+        return [self.config.runsc, "--root", str(self.config.runsc_root), "state", self._id]
+
+    async def _launch_error(self, what: str) -> SandboxLaunchError:
+        text = await asyncio.to_thread(rootfs.tail, self._dir / "runner.log")
+        return SandboxLaunchError(
+            f"gvisor sandbox {self._id}: {what}; runner/runsc output: {text or '(empty)'}; "
+            f"check the runsc version (`runsc --version`, want bookworm-backports) and that "
+            f"{rootfs.RUNNER_PYTHON} can import forgehand"
+        )
+
+    def _fit_pids_limit(self) -> None:
+        """Host pids limit = gVisor's and the runner's own pids now + the workload's share."""
+        assert self._group is not None
+        pids_dir = self._group.dir(Controller.PIDS)
+        overhead = int((pids_dir / "pids.current").read_text())
+        self.host_pids_max = overhead + self.config.pids_per_task * self.spec.limits.pids
+        (pids_dir / "pids.max").write_text(str(self.host_pids_max))
+
+    def _read_achieved(self) -> Achieved:
+        assert self._group is not None
+        memory, _, cores = self._group.read_limits()
+        real = {"memory_bytes": memory, "cpu_cores": cores}
+        limits = Limits.model_validate(self.spec.limits.model_dump() | real)
+        network = self.spec.network
+        if self._proxy is not None and isinstance(network, ProxyNetwork):
+            network = network.model_copy(update={"socket_path": self._proxy.socket_path})
+        return Achieved(NAME, "kernel", limits, network)
+
+    async def _watch(self) -> None:
+        """Wait for the sandbox to stop (or the wall time to pass) and record why."""
+        waiter = asyncio.create_task(rootfs.run_host(self._runsc_wait(), check=False))
+        delay = self.spec.limits.wall_time_seconds + self.config.wall_time_grace_seconds
+        done, _ = await asyncio.wait({waiter}, timeout=delay)
+        if not done:
+            self._expired = True
+            await rootfs.run_host(self._runsc_kill(), check=False)
+            await waiter
+        _, output = waiter.result()
+        self._ended = await asyncio.to_thread(self._end_reason, output)
+        if self.state is SandboxState.READY:
+            self.state = SandboxState.ENDED
+
+    def _runsc_wait(self) -> list[str]:
+        return [self.config.runsc, "--root", str(self.config.runsc_root), "wait", self._id]
+
+    def _runsc_kill(self) -> list[str]:
+        return [self.config.runsc, "--root", str(self.config.runsc_root), "kill", self._id, "KILL"]
+
+    def _end_reason(self, wait_output: str) -> SandboxEnd:
+        assert self._group is not None
+        if self._expired:
+            wall = self.spec.limits.wall_time_seconds
+            return SandboxEnd(ExitReason.TIMEOUT, f"the wall time of {wall:g}s ran out")
+        if self._group.oom_kills() > 0:
+            limit = self.spec.limits.memory_bytes
+            return SandboxEnd(ExitReason.OOM, f"the sandbox used its {limit} bytes of memory")
+        if _pids_events(self._group) > self._pids_events_before:
+            return SandboxEnd(
+                ExitReason.LIMIT, f"the sandbox hit its pids limit ({self.spec.limits.pids})"
+            )
+        return SandboxEnd(ExitReason.EXITED, f"the sandbox stopped: {wait_output[-500:]}")
+
+    async def _teardown_quietly(self) -> None:
+        await self._teardown()
+
+    async def _teardown(self) -> list[BaseException]:
+        """Every cleanup step runs; the record goes last, and only if all else worked."""
+        steps: list[Callable[[], Awaitable[None]]] = [
+            self._stop_watcher,
+            self._client.close,
+            self._delete_sandbox,
+            self._remove_cgroup,
+            self._unmount_work,
+            self._stop_proxy,
+        ]
+        failures: list[BaseException] = []
+        for step in steps:
+            try:
+                await step()
+            except Exception as exc:
+                failures.append(exc)
+        if not failures:
+            await asyncio.to_thread(self._registry.remove, self._id)
+        return failures
+
+    async def _stop_watcher(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+            self._watcher = None
+
+    async def _delete_sandbox(self) -> None:
+        if self._started:
+            await delete_runsc(self.config, self._id)
+
+    async def _remove_cgroup(self) -> None:
+        if self._group is not None:
+            await asyncio.to_thread(self._group.remove)
+            self._group = None
+
+    async def _unmount_work(self) -> None:
+        if self._work_mounted:
+            await rootfs.unmount_work_dir(self.work_dir, self._work_made)
+            self._work_mounted = False
+
+    async def _stop_proxy(self) -> None:
+        if self._proxy is not None:
+            await self._proxy.stop()
+
+    def _require(self, state: SandboxState, action: str) -> None:
+        if self.state is not state:
+            why = f" ({self._ended.detail})" if self._ended else ""
+            raise SandboxStateError(
+                f"cannot {action} sandbox {self._id}: it is {self.state.value}{why}"
+            )
+
+
+async def delete_runsc(config: GVisorConfig, sandbox_id: str) -> None:
+    """Delete a runsc container (killing it first); fine if it is already gone."""
+    base = [config.runsc, "--root", str(config.runsc_root)]
+    code, text = await rootfs.run_host([*base, "delete", "--force", sandbox_id], check=False)
+    if code != 0 and "does not exist" not in text and "not found" not in text:
+        raise SandboxError(f"`runsc delete --force {sandbox_id}` failed: {text[-1000:]}")
+
+
+class GVisorBackend:
+    """Sandboxes in gVisor's user-space kernel: isolation ``kernel``."""
+
+    name = NAME
+    isolation: IsolationLevel = "kernel"
+
+    def __init__(self, config: GVisorConfig | None = None) -> None:
+        self.config = config or GVisorConfig()
+        self.registry = Registry(self.config.state_dir)
+
+    def availability(self) -> Availability:
+        try:
+            detail = check_host(self.config)
+        except SandboxError as exc:
+            return Availability(NAME, False, "kernel", str(exc))
+        return Availability(NAME, True, "kernel", detail)
+
+    def create(self, spec: SandboxSpec) -> contextlib.AbstractAsyncContextManager[GVisorSandbox]:
+        """Start a sandbox; it is destroyed on every path out of the ``async with``."""
+        return self._create(spec)
+
+    @asynccontextmanager
+    async def _create(self, spec: SandboxSpec) -> AsyncIterator[GVisorSandbox]:
+        sandbox = GVisorSandbox(spec, self.config)
+        await sandbox.start()
+        try:
+            yield sandbox
+        finally:
+            await sandbox.destroy()
+
+    async def list_sandboxes(self) -> list[SandboxRecord]:
+        entries = await asyncio.to_thread(self.registry.entries, NAME)
+        return [_record(entry) for entry in entries]
+
+    async def reap(self) -> list[SandboxRecord]:
+        entries = await asyncio.to_thread(self.registry.entries, NAME)
+        leftovers = [e for e in entries if not e.owner_alive]
+        for entry in leftovers:
+            await reap_entry(self.config, self.registry, entry)
+        return [_record(entry) for entry in leftovers]
+
+
+def _record(entry: Entry) -> SandboxRecord:
+    state: Literal["running", "leftover"] = "running" if entry.owner_alive else "leftover"
+    return SandboxRecord(NAME, entry.sandbox_id, state, entry.owner_pid, f"work {entry.work_dir}")
+
+
+async def reap_entry(config: GVisorConfig, registry: Registry, entry: Entry) -> None:
+    """Remove what a dead owner left: runsc container, cgroup, work dir mount, state dir."""
+    await delete_runsc(config, entry.sandbox_id)
+    name = f"{entry.sandbox_id}.{entry.owner_pid}-{entry.owner_start}"
+    group = CgroupGroup(name, cgroups.detect_hierarchies())
+    await asyncio.to_thread(group.remove)
+    await rootfs.unmount_work_dir(Path(entry.work_dir), entry.work_dir_made)
+    await asyncio.to_thread(registry.remove, entry.sandbox_id)
+
+
+def _pids_events(group: CgroupGroup) -> int:
+    """How often the group's pids limit refused a fork."""
+    try:
+        text = (group.dir(Controller.PIDS) / "pids.events").read_text()
+    except OSError:
+        return 0
+    return sum(int(v) for k, _, v in (ln.partition(" ") for ln in text.splitlines()) if k == "max")
+
+
+def _open_log(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+register_backend(NAME, GVisorBackend)

@@ -1,0 +1,566 @@
+"""The podman backend: a rootful runc container from a local rootfs, running the runner.
+
+    backend = PodmanBackend()
+    async with backend.create(spec) as sandbox:          # isolation "container"
+        result = await sandbox.run(["pytest", "-q"])
+
+No image is pulled: the root is a per-sandbox directory (``forgehand.sandbox.rootfs``) or
+the spec's ``root: dir``, passed with ``--rootfs`` and mounted read-only; /usr, the venv
+and the forgehand source come in read-only. The container runs as uid 1000 with every
+capability dropped, ``no-new-privileges``, no network (or only the egress proxy's socket)
+and podman's memory (swap included), pids and CPU limits. The host reaches the runner
+through ``podman exec -i … forgehand-runner proxy``. The kernel's OOM killer ends the
+process that used the memory; the runner reads the container's ``memory.oom_control`` /
+``memory.events`` and reports that run's reason as ``oom``. If the runner itself dies,
+``ended`` says why. Containers carry the name ``forgehand-<hex>`` and labels with the
+owner's pid; ``reap`` removes those of dead owners.
+
+This machine needs ``--ulimit nofile=1024:1024 --ulimit nproc=N:N`` (podman cannot raise
+rlimits here) and runc (crun refuses the hybrid cgroup layout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from ipaddress import IPv4Network, IPv6Network
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from forgehand.runner import errors as runner_errors
+from forgehand.runner.client import RunnerClient
+from forgehand.runner.model import ExitReason, RunResult, RunSpec
+from forgehand.sandbox import cgroups, rootfs
+from forgehand.sandbox.backend import (
+    ISOLATION_RANK,
+    Achieved,
+    Availability,
+    SandboxRecord,
+    register_backend,
+)
+from forgehand.sandbox.egress import EgressProxy
+from forgehand.sandbox.errors import (
+    BackendUnavailable,
+    IsolationUnavailable,
+    SandboxError,
+    SandboxLaunchError,
+    SandboxStateError,
+)
+from forgehand.sandbox.registry import DEFAULT_ROOT, Entry, Registry, own_entry
+from forgehand.sandbox.runs import run_environment, run_spec
+from forgehand.sandbox.spec import (
+    ByteSize,
+    IsolationLevel,
+    Limits,
+    NoNetwork,
+    ProxyNetwork,
+    SandboxSpec,
+)
+
+NAME = "podman"
+LABEL = "forgehand.sandbox"
+INSTALL_HINT = "run `apt-get install -y podman runc`"
+MEMORY_EVENTS_V1 = "/sys/fs/cgroup/memory/memory.oom_control"
+MEMORY_EVENTS_V2 = "/sys/fs/cgroup/memory.events"
+
+
+class PodmanConfig(BaseModel):
+    """Settings of the podman backend, read once when the backend is made."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    type: Literal["podman"] = "podman"
+    """Backend discriminator."""
+    podman: str = "podman"
+    """The podman binary (a name on PATH or a path)."""
+    runtime: str = "runc"
+    """OCI runtime; crun works only where the cgroup layout is not hybrid v1/v2."""
+    state_dir: Path = DEFAULT_ROOT
+    """Host directory of the sandbox registry and each sandbox's rootfs and log."""
+    nproc_rlimit: int = Field(default=4096, gt=0)
+    """RLIMIT_NPROC of the container (podman cannot keep the host's here); it counts every
+    process of uid 1000 on the host, so the pids cgroup (``limits.pids``) is the real bound."""
+    ready_timeout_seconds: float = Field(default=30.0, gt=0)
+    """How long ``create`` waits for the runner to answer."""
+    runner_state_bytes: ByteSize = 256 << 20
+    """Size of the tmpfs holding the runner's journals."""
+    wall_time_grace_seconds: float = Field(default=2.0, ge=0)
+    """Runs time out at the wall time; the container is killed this much later."""
+    egress_ports: tuple[int, ...] = (80, 443)
+    """Ports the egress proxy allows for ``allow_hosts``."""
+    trusted_networks: tuple[IPv4Network | IPv6Network, ...] = ()
+    """Passed to the egress proxy (see ``EgressConfig``)."""
+    allow_loopback_for_tests: bool = False
+    """TESTING ONLY: lets the egress proxy reach loopback servers."""
+
+
+class SandboxState(StrEnum):
+    """Lifecycle of a ``PodmanSandbox``."""
+
+    CREATED = "created"
+    STARTING = "starting"
+    READY = "ready"
+    ENDED = "ended"
+    """The container stopped on its own (see ``ended``): only destroy remains."""
+    DESTROYING = "destroying"
+    DESTROYED = "destroyed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class SandboxEnd:
+    """Why a container stopped before it was destroyed."""
+
+    reason: ExitReason
+    """``oom``, ``timeout`` (wall time) or ``exited``."""
+    detail: str
+
+
+def check_host(config: PodmanConfig) -> str:
+    """What the backend will use, or BackendUnavailable saying what to install (blocking)."""
+    podman = shutil.which(config.podman)
+    if podman is None:
+        raise BackendUnavailable(f"podman not found: {INSTALL_HINT}")
+    if shutil.which(config.runtime) is None:
+        raise BackendUnavailable(f"OCI runtime {config.runtime} not found: {INSTALL_HINT}")
+    if os.geteuid() != 0:
+        raise BackendUnavailable("the podman backend runs rootful podman: run as root")
+    rootfs.RunnerInstall.current().check()
+    try:
+        done = subprocess.run([podman, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BackendUnavailable(f"podman does not run ({exc}): {INSTALL_HINT}") from exc
+    return f"{done.stdout.strip()} with {config.runtime}"
+
+
+def check_spec(spec: SandboxSpec) -> None:
+    """Fail closed on what this backend cannot give."""
+    if ISOLATION_RANK[spec.isolation] > ISOLATION_RANK["container"]:
+        raise IsolationUnavailable(
+            f"podman gives container isolation, the spec requires {spec.isolation!r}: "
+            "choose backend=gvisor"
+        )
+    if not isinstance(spec.network, NoNetwork | ProxyNetwork):
+        raise IsolationUnavailable(
+            "the podman backend offers network 'none' or 'proxy', not 'open': use 'proxy'"
+        )
+    rootfs.check_work_path(spec)
+
+
+def mount_points(spec: SandboxSpec) -> list[PurePosixPath]:
+    """Every path the container mounts on, which must exist in the read-only rootfs."""
+    points = [PurePosixPath(p) for p in rootfs.host_binds()]
+    points += [target for _, target in rootfs.RunnerInstall.current().mounts()]
+    points += [PurePosixPath(spec.work_dir.sandbox_path), rootfs.RUN_DIR]
+    points += [PurePosixPath(m.destination) for m in spec.ro_mounts]
+    if isinstance(spec.network, ProxyNetwork):
+        points.append(rootfs.EGRESS_SOCKET)
+    return points
+
+
+def limit_args(spec: SandboxSpec, nproc: int) -> list[str]:
+    """Memory (swap included), pids, CPU, rlimits this machine accepts, sized tmpfs."""
+    limits = spec.limits
+    return [
+        *("--memory", str(limits.memory_bytes), "--memory-swap", str(limits.memory_bytes)),
+        *("--pids-limit", str(limits.pids), "--cpus", f"{limits.cpu_cores:g}"),
+        *("--ulimit", "nofile=1024:1024", "--ulimit", f"nproc={nproc}:{nproc}"),
+        *("--tmpfs", f"/tmp:rw,nosuid,nodev,size={limits.disk_bytes}"),
+    ]
+
+
+def security_args() -> list[str]:
+    """Unprivileged user, no capabilities, no privilege gain, read-only root."""
+    user = f"{rootfs.SANDBOX_UID}:{rootfs.SANDBOX_GID}"
+    return [
+        *("--user", user, "--cap-drop", "all", "--security-opt", "no-new-privileges"),
+        *("--read-only", "--read-only-tmpfs=false", "--network", "none", "--hostname", "sandbox"),
+        "--no-hosts",
+    ]
+
+
+def volume_args(spec: SandboxSpec, egress: Path | None) -> list[str]:
+    """Read-only system and runner mounts, the work dir and the egress socket."""
+    pairs = [(p, PurePosixPath(p)) for p in rootfs.host_binds()]
+    pairs += rootfs.RunnerInstall.current().mounts()
+    pairs += [(m.source, PurePosixPath(m.destination)) for m in spec.ro_mounts]
+    args = [a for src, dst in pairs for a in ("--volume", f"{src}:{dst}:ro")]
+    args += ["--volume", f"{spec.work_dir.host_path}:{spec.work_dir.sandbox_path}:rw"]
+    if egress is not None:
+        args += ["--volume", f"{egress}:{rootfs.EGRESS_SOCKET}:rw"]
+    return args
+
+
+def env_args(spec: SandboxSpec) -> list[str]:
+    return [a for k, v in rootfs.runner_env(spec).items() for a in ("--env", f"{k}={v}")]
+
+
+class PodmanSandbox:
+    """One running podman container with its runner (the ``Sandbox`` Protocol)."""
+
+    def __init__(self, spec: SandboxSpec, config: PodmanConfig) -> None:
+        self.spec = spec
+        self.config = config
+        self.state = SandboxState.CREATED
+        self._id = f"forgehand-{uuid.uuid4().hex[:12]}"
+        self._registry = Registry(config.state_dir)
+        self._dir = self._registry.directory(self._id)
+        self._client = RunnerClient.exec(self._exec_argv(rootfs.proxy_argv()))
+        self._proxy: EgressProxy | None = None
+        self._achieved: Achieved | None = None
+        self._ended: SandboxEnd | None = None
+        self._work_made = False
+        self._work_mounted = False
+        self._started = False
+        self._expired = False
+        self._watcher: asyncio.Task[None] | None = None
+
+    # -- the Sandbox Protocol ------------------------------------------------------------
+
+    @property
+    def sandbox_id(self) -> str:
+        return self._id
+
+    @property
+    def client(self) -> RunnerClient:
+        return self._client
+
+    @property
+    def achieved(self) -> Achieved:
+        if self._achieved is None:
+            raise SandboxStateError(f"sandbox {self._id} is {self.state.value}: start it first")
+        return self._achieved
+
+    @property
+    def work_dir(self) -> Path:
+        return self.spec.work_dir.host_path
+
+    # -- runs and status -----------------------------------------------------------------
+
+    @property
+    def ended(self) -> SandboxEnd | None:
+        """Why the container stopped on its own, or None while it runs."""
+        return self._ended
+
+    @property
+    def directory(self) -> Path:
+        """The sandbox's host-side state directory."""
+        return self._dir
+
+    @property
+    def run_env(self) -> dict[str, str]:
+        """The environment runs should get (``runs.run_environment``)."""
+        return run_environment(self.spec)
+
+    def run_spec(self, argv: tuple[str, ...] | list[str] = (), **fields: Any) -> RunSpec:
+        """``runs.run_spec``: cwd, env, output cap and the wall time as timeout."""
+        return run_spec(self.spec, argv, **fields)
+
+    async def run(self, argv: tuple[str, ...] | list[str] = (), **fields: Any) -> RunResult:
+        """Run a command to its end with the sandbox's defaults."""
+        self._require(SandboxState.READY, "run in")
+        return await self._client.run(self.run_spec(argv, **fields))
+
+    async def wait_ended(self) -> SandboxEnd:
+        """Wait until the container stops on its own and say why."""
+        if self._watcher is not None:
+            await asyncio.shield(self._watcher)
+        if self._ended is None:
+            raise SandboxStateError(f"sandbox {self._id} is {self.state.value}, not running")
+        return self._ended
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Set everything up and return once the runner answers."""
+        self._require(SandboxState.CREATED, "start")
+        self.state = SandboxState.STARTING
+        try:
+            await self._launch()
+        except BaseException:
+            await rootfs.uncancellable(self._teardown_quietly())
+            self.state = SandboxState.FAILED
+            raise
+        self.state = SandboxState.READY
+
+    async def destroy(self) -> None:
+        """Remove the container and every trace. Idempotent; survives cancellation."""
+        if self.state in (SandboxState.DESTROYED, SandboxState.CREATED):
+            return
+        await rootfs.uncancellable(self._destroy())
+
+    async def _destroy(self) -> None:
+        self.state = SandboxState.DESTROYING
+        failures = await self._teardown()
+        if failures:
+            self.state = SandboxState.FAILED
+            raise SandboxError(
+                f"sandbox {self._id} was not fully destroyed ({failures[0]}); "
+                "`forgehand sandbox gc` removes what is left once this process has ended"
+            ) from failures[0]
+        self.state = SandboxState.DESTROYED
+
+    async def _launch(self) -> None:
+        check_spec(self.spec)
+        await asyncio.to_thread(check_host, self.config)
+        self._work_made = not await asyncio.to_thread(self.work_dir.exists)
+        entry = own_entry(NAME, self._id, self.work_dir, self._work_made)
+        await asyncio.to_thread(self._registry.add, entry)
+        await rootfs.mount_work_dir(self.work_dir, self.spec.work_dir_bytes)
+        self._work_mounted = True
+        if isinstance(self.spec.network, ProxyNetwork):
+            self._proxy = await rootfs.start_egress(self._dir, self.spec.network, self.config)
+        root = await asyncio.to_thread(
+            rootfs.prepare_rootfs, self._dir / "rootfs", self.spec, mount_points(self.spec)
+        )
+        await self._run_container(root)
+        await self._wait_ready()
+        if self._proxy is not None:
+            async with asyncio.timeout(self.config.ready_timeout_seconds):
+                await rootfs.start_forwarder(self._client)
+        self._achieved = await self._read_achieved()
+        self._watcher = asyncio.create_task(self._watch())
+
+    def _podman(self, *arguments: str) -> list[str]:
+        return [self.config.podman, *arguments]
+
+    def _exec_argv(self, command: list[str]) -> list[str]:
+        user = f"{rootfs.SANDBOX_UID}:{rootfs.SANDBOX_GID}"
+        return self._podman("exec", "-i", "--user", user, "--workdir", "/", self._id, *command)
+
+    def run_argv(self, root: Path) -> list[str]:
+        """The ``podman run`` command line of this sandbox."""
+        egress = self._proxy.socket_path if self._proxy is not None else None
+        owner = os.getpid()
+        labels = [f"{LABEL}={self._id}", f"forgehand.owner_pid={owner}"]
+        return self._podman(
+            *("run", "--detach", "--name", self._id, "--runtime", self.config.runtime),
+            *(a for label in labels for a in ("--label", label)),
+            *("--log-driver", "k8s-file", "--log-opt", f"path={self._dir / 'runner.log'}"),
+            *security_args(),
+            *limit_args(self.spec, self.config.nproc_rlimit),
+            *("--tmpfs", self._run_tmpfs()),
+            *volume_args(self.spec, egress),
+            *env_args(self.spec),
+            *("--workdir", "/", "--rootfs", str(root)),
+            *rootfs.serve_argv(self.spec, _memory_events()),
+        )
+
+    def _run_tmpfs(self) -> str:
+        return f"{rootfs.RUN_DIR}:rw,nosuid,nodev,size={self.config.runner_state_bytes}"
+
+    async def _run_container(self, root: Path) -> None:
+        self._started = True
+        code, text = await rootfs.run_host(self.run_argv(root), check=False)
+        if code != 0:
+            raise await self._launch_error(f"`podman run` failed with status {code}: {text}")
+
+    async def _wait_ready(self) -> None:
+        deadline = _now() + self.config.ready_timeout_seconds
+        log = self._dir / "runner.log"
+        polls = 0
+        while b"serving on" not in await asyncio.to_thread(_read_bytes, log):
+            polls += 1
+            if _now() > deadline or (polls % 20 == 0 and not await self._running()):
+                raise await self._launch_error("the runner did not start")
+            await asyncio.sleep(0.01)
+        try:
+            async with asyncio.timeout(max(0.001, deadline - _now())):
+                await self._client.capabilities()
+        except (TimeoutError, runner_errors.RunnerError) as exc:
+            error = await self._launch_error(f"the runner did not answer ({exc or 'timeout'})")
+            raise error from exc
+
+    async def _running(self) -> bool:
+        state = await self._inspect("{{.State.Running}}")
+        return state == "true"
+
+    async def _inspect(self, template: str) -> str:
+        argv = self._podman("inspect", "--type", "container", "--format", template, self._id)
+        code, text = await rootfs.run_host(argv, check=False)
+        return text if code == 0 else ""
+
+    async def _launch_error(self, what: str) -> SandboxLaunchError:
+        text = await asyncio.to_thread(rootfs.tail, self._dir / "runner.log")
+        return SandboxLaunchError(
+            f"podman sandbox {self._id}: {what}; runner output: {text or '(empty)'}; check "
+            f"that {rootfs.RUNNER_PYTHON} can import forgehand and that runc is installed"
+        )
+
+    async def _read_achieved(self) -> Achieved:
+        text = await self._inspect("{{json .HostConfig}}")
+        host = json.loads(text)
+        real = {
+            "memory_bytes": host["Memory"],
+            "pids": host["PidsLimit"],
+            "cpu_cores": host["NanoCpus"] / 1e9,
+        }
+        limits = Limits.model_validate(self.spec.limits.model_dump() | real)
+        network = self.spec.network
+        if self._proxy is not None and isinstance(network, ProxyNetwork):
+            network = network.model_copy(update={"socket_path": self._proxy.socket_path})
+        return Achieved(NAME, "container", limits, network)
+
+    async def _watch(self) -> None:
+        """Wait for the container to stop (or the wall time to pass) and record why."""
+        waiter = asyncio.create_task(rootfs.run_host(self._podman("wait", self._id), check=False))
+        delay = self.spec.limits.wall_time_seconds + self.config.wall_time_grace_seconds
+        done, _ = await asyncio.wait({waiter}, timeout=delay)
+        if not done:
+            self._expired = True
+            await rootfs.run_host(self._podman("kill", self._id), check=False)
+            await waiter
+        _, status = waiter.result()
+        self._ended = await self._end_reason(status)
+        if self.state is SandboxState.READY:
+            self.state = SandboxState.ENDED
+
+    async def _end_reason(self, status: str) -> SandboxEnd:
+        if self._expired:
+            wall = self.spec.limits.wall_time_seconds
+            return SandboxEnd(ExitReason.TIMEOUT, f"the wall time of {wall:g}s ran out")
+        if await self._inspect("{{.State.OOMKilled}}") == "true":
+            limit = self.spec.limits.memory_bytes
+            return SandboxEnd(ExitReason.OOM, f"the runner was killed at {limit} bytes of memory")
+        return SandboxEnd(ExitReason.EXITED, f"the container stopped with status {status}")
+
+    async def _teardown_quietly(self) -> None:
+        await self._teardown()
+
+    async def _teardown(self) -> list[BaseException]:
+        """Every cleanup step runs; the record goes last, and only if all else worked."""
+        steps: list[Callable[[], Awaitable[None]]] = [
+            self._stop_watcher,
+            self._client.close,
+            self._remove_container,
+            self._unmount_work,
+            self._stop_proxy,
+        ]
+        failures: list[BaseException] = []
+        for step in steps:
+            try:
+                await step()
+            except Exception as exc:
+                failures.append(exc)
+        if not failures:
+            await asyncio.to_thread(self._registry.remove, self._id)
+        return failures
+
+    async def _stop_watcher(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+            self._watcher = None
+
+    async def _remove_container(self) -> None:
+        if self._started:
+            await remove_container(self.config, self._id)
+
+    async def _unmount_work(self) -> None:
+        if self._work_mounted:
+            await rootfs.unmount_work_dir(self.work_dir, self._work_made)
+            self._work_mounted = False
+
+    async def _stop_proxy(self) -> None:
+        if self._proxy is not None:
+            await self._proxy.stop()
+
+    def _require(self, state: SandboxState, action: str) -> None:
+        if self.state is not state:
+            why = f" ({self._ended.detail})" if self._ended else ""
+            raise SandboxStateError(
+                f"cannot {action} sandbox {self._id}: it is {self.state.value}{why}"
+            )
+
+
+async def remove_container(config: PodmanConfig, name: str) -> None:
+    """Kill and remove a container (and its cgroup); fine if it is already gone."""
+    argv = [config.podman, "rm", "--force", "--time", "0", "--ignore", name]
+    code, text = await rootfs.run_host(argv, check=False)
+    if code != 0:
+        raise SandboxError(f"`podman rm --force {name}` failed: {text[-1000:]}")
+
+
+class PodmanBackend:
+    """Sandboxes as rootful podman containers (runc): isolation ``container``."""
+
+    name = NAME
+    isolation: IsolationLevel = "container"
+
+    def __init__(self, config: PodmanConfig | None = None) -> None:
+        self.config = config or PodmanConfig()
+        self.registry = Registry(self.config.state_dir)
+
+    def availability(self) -> Availability:
+        try:
+            detail = check_host(self.config)
+        except SandboxError as exc:
+            return Availability(NAME, False, "container", str(exc))
+        return Availability(NAME, True, "container", detail)
+
+    def create(self, spec: SandboxSpec) -> contextlib.AbstractAsyncContextManager[PodmanSandbox]:
+        """Start a sandbox; it is destroyed on every path out of the ``async with``."""
+        return self._create(spec)
+
+    @asynccontextmanager
+    async def _create(self, spec: SandboxSpec) -> AsyncIterator[PodmanSandbox]:
+        sandbox = PodmanSandbox(spec, self.config)
+        await sandbox.start()
+        try:
+            yield sandbox
+        finally:
+            await sandbox.destroy()
+
+    async def list_sandboxes(self) -> list[SandboxRecord]:
+        entries = await asyncio.to_thread(self.registry.entries, NAME)
+        return [_record(entry) for entry in entries]
+
+    async def reap(self) -> list[SandboxRecord]:
+        entries = await asyncio.to_thread(self.registry.entries, NAME)
+        leftovers = [e for e in entries if not e.owner_alive]
+        for entry in leftovers:
+            await reap_entry(self.config, self.registry, entry)
+        return [_record(entry) for entry in leftovers]
+
+
+def _record(entry: Entry) -> SandboxRecord:
+    state: Literal["running", "leftover"] = "running" if entry.owner_alive else "leftover"
+    return SandboxRecord(NAME, entry.sandbox_id, state, entry.owner_pid, f"work {entry.work_dir}")
+
+
+async def reap_entry(config: PodmanConfig, registry: Registry, entry: Entry) -> None:
+    """Remove what a dead owner left: the container, the work dir mount, the state dir."""
+    await remove_container(config, entry.sandbox_id)
+    await rootfs.unmount_work_dir(Path(entry.work_dir), entry.work_dir_made)
+    await asyncio.to_thread(registry.remove, entry.sandbox_id)
+
+
+def _memory_events() -> str:
+    """Where the container sees its own cgroup's OOM counter."""
+    memory = cgroups.detect_hierarchies().get(cgroups.Controller.MEMORY)
+    return MEMORY_EVENTS_V2 if memory is not None and memory.version == 2 else MEMORY_EVENTS_V1
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+register_backend(NAME, PodmanBackend)

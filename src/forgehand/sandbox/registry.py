@@ -1,0 +1,104 @@
+"""Where a machine's sandboxes are recorded, so other processes can list and reap them.
+
+Each sandbox has a directory ``<root>/<sandbox-id>/`` holding ``record.json`` (backend,
+owner pid and its start time, the work dir and whether the backend made it) next to the
+backend's own files (sockets, logs). The owner writes the record before it creates
+anything else, so whatever a crash leaves behind is findable. A record whose owner
+process is gone (pid reuse excluded by the start time) is a *leftover*.
+
+Everything here is synchronous file I/O; async callers use ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from forgehand.sandbox.cgroups import process_start_time
+from forgehand.sandbox.errors import SandboxLaunchError
+
+DEFAULT_ROOT = Path("/run/forgehand/sandboxes")
+RECORD = "record.json"
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One sandbox's record."""
+
+    backend: str
+    sandbox_id: str
+    owner_pid: int
+    owner_start: int | None
+    work_dir: str
+    work_dir_made: bool
+    created: float = field(default_factory=time.time)
+
+    @property
+    def owner_alive(self) -> bool:
+        """Whether the process that created the sandbox still runs."""
+        return process_start_time(self.owner_pid) == self.owner_start
+
+
+def own_entry(backend: str, sandbox_id: str, work_dir: Path, work_dir_made: bool) -> Entry:
+    """A record owned by this process."""
+    pid = os.getpid()
+    return Entry(backend, sandbox_id, pid, process_start_time(pid), str(work_dir), work_dir_made)
+
+
+class Registry:
+    """The sandbox records under one root directory."""
+
+    def __init__(self, root: Path = DEFAULT_ROOT) -> None:
+        self.root = root
+
+    def directory(self, sandbox_id: str) -> Path:
+        """The sandbox's own directory (it need not exist yet)."""
+        if not _ID_RE.match(sandbox_id):
+            raise SandboxLaunchError(f"sandbox id {sandbox_id!r} must match {_ID_RE.pattern}")
+        return self.root / sandbox_id
+
+    def add(self, entry: Entry) -> Path:
+        """Create the sandbox's directory (searchable, not listable) and its record."""
+        try:
+            self.root.mkdir(mode=0o711, parents=True, exist_ok=True)
+            directory = self.directory(entry.sandbox_id)
+            directory.mkdir(mode=0o711)
+            directory.chmod(0o711)  # the umask may have narrowed it
+            _write_atomic(directory / RECORD, json.dumps(asdict(entry)))
+        except OSError as exc:
+            raise SandboxLaunchError(
+                f"cannot record sandbox {entry.sandbox_id} under {self.root}: {exc}; "
+                "run as root or configure a writable state dir"
+            ) from exc
+        return directory
+
+    def entries(self, backend: str | None = None) -> list[Entry]:
+        """Every readable record, optionally of one backend, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [_read(path / RECORD) for path in self.root.iterdir() if path.is_dir()]
+        chosen = [e for e in found if e is not None and backend in (None, e.backend)]
+        return sorted(chosen, key=lambda e: e.created)
+
+    def remove(self, sandbox_id: str) -> None:
+        """Delete the sandbox's directory and everything in it."""
+        shutil.rmtree(self.directory(sandbox_id), ignore_errors=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
+def _read(path: Path) -> Entry | None:
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        return Entry(**json.loads(path.read_text()))
+    return None

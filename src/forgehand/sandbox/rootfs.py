@@ -1,0 +1,331 @@
+"""What the OCI backends (gVisor, podman) share: a minimal rootfs and the runner's layout.
+
+A sandbox's root is a small directory made per sandbox (``prepare_rootfs``): mount
+points, the host's merged-/usr symlinks (``bin -> usr/bin`` …), a few copied /etc files
+and generated ``passwd``/``group``/``hosts``. It is mounted read-only; /usr, the venv and
+the forgehand source come in as read-only bind mounts. Layout inside the sandbox::
+
+    /opt/forgehand/venv, /opt/forgehand/src   the runner's interpreter and package (ro)
+    /run/forgehand/runner.sock                  the runner's socket (reached by exec)
+    /run/forgehand/state/                       the runner's journals (tmpfs)
+    /opt/forgehand/egress.sock                  the egress proxy's socket (network: proxy)
+
+The venv and source go to fixed paths rather than the host's: the host's often lie below
+the work dir's sandbox path (``/work``), and a mount inside the work dir would leave mount
+points in the user's files. ``PYTHONPATH`` in the runner's own environment finds the
+package; runs never see it (the runner gives a run only its ``RunSpec.env``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import sys
+from collections.abc import AsyncGenerator, Coroutine, Iterable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol, cast
+
+import forgehand
+from forgehand.runner.client import RunnerClient
+from forgehand.runner.model import Exited, Output, RunSpec
+from forgehand.sandbox.egress import AllowRule, EgressConfig, EgressProxy
+from forgehand.sandbox.errors import BackendUnavailable, SandboxLaunchError
+from forgehand.sandbox.spec import DirRoot, ProxyNetwork, SandboxSpec
+
+SANDBOX_UID = 1000
+SANDBOX_GID = 1000
+SANDBOX_USER = "sandbox"
+OPT = PurePosixPath("/opt/forgehand")
+VENV_TARGET = OPT / "venv"
+SRC_TARGET = OPT / "src"
+EGRESS_SOCKET = OPT / "egress.sock"
+RUN_DIR = PurePosixPath("/run/forgehand")
+RUNNER_SOCKET = RUN_DIR / "runner.sock"
+RUNNER_STATE = RUN_DIR / "state"
+RUNNER_PYTHON = VENV_TARGET / "bin" / "python"
+SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
+_MERGED_USR = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+_EMPTY_DIRS = ("proc", "dev", "sys", "tmp", "run", "etc", "usr", "opt/forgehand")
+# /etc pieces programs need; never the whole /etc (shadow, ssh keys, pip.conf, ...).
+_HOST_ETC = (
+    "alternatives",
+    "ca-certificates.conf",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "localtime",
+    "mime.types",
+    "nsswitch.conf",
+    "protocols",
+    "services",
+    "ssl/certs",
+    "ssl/openssl.cnf",
+    "python3",
+    "python3.11",
+)
+
+
+@dataclass(frozen=True)
+class RunnerInstall:
+    """Where the runner's interpreter and package live on the host."""
+
+    venv: Path
+    source: Path
+
+    @classmethod
+    def current(cls) -> RunnerInstall:
+        """The venv and forgehand source of this very process."""
+        return cls(Path(sys.prefix), Path(forgehand.__file__).parents[1])
+
+    def check(self) -> None:
+        """Fail unless the venv's interpreter can run inside a sandbox that has only /usr."""
+        python = (self.venv / "bin" / "python").resolve()
+        if not PurePosixPath(python).is_relative_to("/usr"):
+            raise BackendUnavailable(
+                f"the runner's interpreter {python} lives outside /usr, which is all a "
+                "sandbox gets: build the venv on /usr/bin/python3 (apt-get install python3-venv)"
+            )
+
+    def mounts(self) -> list[tuple[Path, PurePosixPath]]:
+        """(host source, sandbox target) pairs, all read-only."""
+        return [(self.venv, VENV_TARGET), (self.source, SRC_TARGET)]
+
+
+def runner_argv(*arguments: str) -> list[str]:
+    """``forgehand-runner ARGUMENTS`` as run inside the sandbox."""
+    return [str(RUNNER_PYTHON), "-m", "forgehand.runner.cli", *arguments]
+
+
+def serve_argv(spec: SandboxSpec, memory_events: str = "") -> list[str]:
+    """The sandbox's long-lived process: ``forgehand-runner serve`` on the work dir."""
+    journal = max(256 << 10, min(64 << 20, spec.limits.output_bytes + (1 << 20)))
+    argv = runner_argv("serve", "--socket", str(RUNNER_SOCKET), "--state-dir", str(RUNNER_STATE))
+    argv += ["--root", str(spec.work_dir.sandbox_path), "--journal-max-bytes", str(journal)]
+    return argv + (["--memory-events", memory_events] if memory_events else [])
+
+
+def proxy_argv() -> list[str]:
+    """The in-sandbox end of an exec channel: stdin/stdout bridged to the runner socket."""
+    return runner_argv("proxy", "--socket", str(RUNNER_SOCKET))
+
+
+def runner_env(spec: SandboxSpec) -> dict[str, str]:
+    """The runner process's environment: neutral defaults plus exactly the spec's env."""
+    env = {
+        "PATH": SANDBOX_PATH,
+        "HOME": str(spec.work_dir.sandbox_path),
+        "USER": SANDBOX_USER,
+        "LANG": "C.UTF-8",
+        "TMPDIR": "/tmp",
+        "PIP_CONFIG_FILE": "/dev/null",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    return env | spec.env | {"PYTHONPATH": str(SRC_TARGET)}
+
+
+def etc_files(spec: SandboxSpec) -> dict[str, str]:
+    """Generated /etc files: the sandbox user exists, the host's accounts do not."""
+    home = spec.work_dir.sandbox_path
+    return {
+        "passwd": (
+            f"{SANDBOX_USER}:x:{SANDBOX_UID}:{SANDBOX_GID}:forgehand sandbox:{home}:/bin/sh\n"
+            "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        ),
+        "group": f"{SANDBOX_USER}:x:{SANDBOX_GID}:\nnogroup:x:65534:\n",
+        "hosts": "127.0.0.1 localhost sandbox\n::1 localhost ip6-localhost\n",
+        "hostname": "sandbox\n",
+        "resolv.conf": "",
+    }
+
+
+def host_binds() -> list[Path]:
+    """Top-level host dirs to bind read-only: /usr, plus any of /bin, /lib… not symlinks."""
+    real = [Path("/", n) for n in _MERGED_USR if Path("/", n).is_dir()]
+    return [Path("/usr"), *(p for p in real if not p.is_symlink())]
+
+
+def prepare_rootfs(dest: Path, spec: SandboxSpec, mount_points: Iterable[PurePosixPath]) -> Path:
+    """Make the per-sandbox root directory ``dest`` (blocking; use ``asyncio.to_thread``)."""
+    if isinstance(spec.root, DirRoot):
+        return _check_dir_root(spec.root.path, mount_points)
+    dest.mkdir(mode=0o755)
+    for name in _EMPTY_DIRS:
+        (dest / name).mkdir(parents=True, exist_ok=True)
+    _link_merged_usr(dest)
+    _copy_host_etc(dest / "etc")
+    for name, text in etc_files(spec).items():
+        (dest / "etc" / name).write_text(text)
+    for point in mount_points:
+        _make_mount_point(dest, point)
+    # podman copies a tmpfs's mode (not its owner) from the directory below it.
+    for scratch in (dest / "tmp", dest / RUN_DIR.relative_to("/")):
+        if scratch.is_dir():
+            scratch.chmod(0o1777)
+    return dest
+
+
+def _link_merged_usr(dest: Path) -> None:
+    for name in _MERGED_USR:
+        host = Path("/", name)
+        if host.is_symlink():
+            (dest / name).symlink_to(os.readlink(host))
+        elif host.is_dir():
+            (dest / name).mkdir()
+
+
+def _copy_host_etc(etc: Path) -> None:
+    for name in _HOST_ETC:
+        source, target = Path("/etc", name), etc / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir() and not source.is_symlink():
+            shutil.copytree(source, target, symlinks=True)
+        elif source.exists() or source.is_symlink():
+            shutil.copy2(source, target, follow_symlinks=False)
+
+
+def _make_mount_point(root: Path, point: PurePosixPath) -> None:
+    path = root / point.relative_to("/")
+    if point == EGRESS_SOCKET:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+
+
+def _check_dir_root(root: Path, mount_points: Iterable[PurePosixPath]) -> Path:
+    missing = [p for p in mount_points if not (root / p.relative_to("/")).exists()]
+    if missing:
+        raise SandboxLaunchError(
+            f"rootfs {root} lacks the mount points {', '.join(map(str, missing))}: create "
+            "them in the rootfs (it is mounted read-only) or use root: host"
+        )
+    return root
+
+
+def check_work_path(spec: SandboxSpec) -> None:
+    """Refuse a work dir that would hide or sit inside the runner's own mounts."""
+    inside = PurePosixPath(spec.work_dir.sandbox_path)
+    for own in (OPT, RUN_DIR, PurePosixPath("/usr"), PurePosixPath("/etc")):
+        if inside.is_relative_to(own) or own.is_relative_to(inside):
+            raise SandboxLaunchError(
+                f"work_dir.sandbox_path {inside} collides with {own}, which the sandbox "
+                "needs for itself: choose another path such as /work"
+            )
+
+
+async def mount_work_dir(host_path: Path, size: int) -> bool:
+    """Mount a size-capped tmpfs owned by the sandbox user; True if the dir was made."""
+    made = not await asyncio.to_thread(host_path.exists)
+    await asyncio.to_thread(host_path.mkdir, 0o755, True, True)
+    options = f"size={size},mode=0755,uid={SANDBOX_UID},gid={SANDBOX_GID},nosuid,nodev"
+    await run_host(["mount", "-t", "tmpfs", "-o", options, "forgehand-work", str(host_path)])
+    return made
+
+
+async def unmount_work_dir(host_path: Path, made: bool) -> None:
+    """Unmount the work dir's tmpfs (its content goes with it); remove the dir if ours."""
+    if await asyncio.to_thread(is_mount_point, host_path):
+        await run_host(["umount", str(host_path)])
+    if made and await asyncio.to_thread(host_path.exists):
+        await asyncio.to_thread(host_path.rmdir)
+
+
+def is_mount_point(path: Path) -> bool:
+    """Whether ``path`` is a mount point in this mount namespace."""
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    return any(line.split()[1] == str(path) for line in mounts if line.strip())
+
+
+async def run_host(argv: Sequence[str], *, check: bool = True) -> tuple[int, str]:
+    """Run a host tool; its exit status and output (stderr folded into stdout)."""
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    except FileNotFoundError as exc:
+        raise BackendUnavailable(f"{argv[0]} not found: install it (see availability())") from exc
+    output, _ = await process.communicate()
+    text = output.decode(errors="replace").strip()
+    code = process.returncode if process.returncode is not None else -1
+    if check and code != 0:
+        raise SandboxLaunchError(f"`{' '.join(argv)}` failed with status {code}: {text[-2000:]}")
+    return code, text
+
+
+def tail(path: Path, limit: int = 2000) -> str:
+    """The last ``limit`` bytes of a log file, or '' if it cannot be read."""
+    try:
+        return path.read_bytes()[-limit:].decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+class EgressSettings(Protocol):
+    """The backend settings ``start_egress`` reads."""
+
+    egress_ports: tuple[int, ...]
+    trusted_networks: tuple[IPv4Network | IPv6Network, ...]
+    allow_loopback_for_tests: bool
+
+
+FORWARDER_RUN_ID = "forgehand-egress-forwarder"
+
+
+async def start_egress(
+    directory: Path, network: ProxyNetwork, config: EgressSettings
+) -> EgressProxy:
+    """A host-side allowlisting proxy for one sandbox, on a socket the sandbox user may use."""
+    egress = directory / "egress"
+    await asyncio.to_thread(egress.mkdir, 0o711)
+    proxy = EgressProxy(
+        EgressConfig(
+            socket_path=egress / "egress.sock",
+            decision_log_path=egress / "decisions.jsonl",
+            allow=tuple(AllowRule(host=h, ports=config.egress_ports) for h in network.allow_hosts),
+            trusted_networks=config.trusted_networks,
+            allow_loopback_for_tests=config.allow_loopback_for_tests,
+        )
+    )
+    await proxy.start()
+    await asyncio.to_thread(os.chown, proxy.socket_path, SANDBOX_UID, SANDBOX_GID)
+    return proxy
+
+
+async def start_forwarder(client: RunnerClient) -> None:
+    """Start the in-sandbox forwarder (127.0.0.1:3128 → egress socket) as a runner run."""
+    module = ("-m", "forgehand.sandbox.egress.forwarder", "--socket", str(EGRESS_SOCKET))
+    env = {"PATH": SANDBOX_PATH, "PYTHONPATH": str(SRC_TARGET)}
+    spec = RunSpec(argv=(str(RUNNER_PYTHON), *module), env=env, cwd="/")
+    await client.start(spec, FORWARDER_RUN_ID)
+    await _await_output(client, b"listening on")
+
+
+async def _await_output(client: RunnerClient, marker: bytes) -> None:
+    seen = b""
+    events = cast(AsyncGenerator[object, None], client.attach(FORWARDER_RUN_ID))
+    async with contextlib.aclosing(events):
+        async for event in events:
+            if isinstance(event, Output):
+                seen += event.data
+                if marker in seen:
+                    return
+            if isinstance(event, Exited):
+                break
+    raise SandboxLaunchError(f"the egress forwarder exited: {seen[-500:]!r}")
+
+
+async def uncancellable(coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` to its end even if the caller is cancelled meanwhile (then re-raise)."""
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
