@@ -42,10 +42,10 @@ async def test_prompt_has_instructions_map_and_tools(tmp_path: Path) -> None:
     system, _ = await build_prompt(Task("t"), tmp_path, BUILTIN_TOOLS, lambda _: True)
     assert "instructions from AGENTS.md\nRun make test." in system.text
     assert "instructions from .github/copilot-instructions.md\nUse tabs." in system.text
-    assert "CLAUDE.md" not in system.text
+    assert "instructions from CLAUDE.md" not in system.text
     assert "  src/ (1 files, 1.8 KB)" in system.text
     assert "    main.py 1.8 KB" in system.text
-    assert ".git" not in system.text.split("## Repository map")[1]
+    assert "config" not in system.text.split("## Repository map")[1]  # .git/ skipped
     assert "- edit_file: Replace old_text" in system.text
 
 

@@ -7,6 +7,7 @@ in time and count; a containment failure is a failed test, not a stalled machine
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import os
@@ -16,7 +17,7 @@ import subprocess
 import tempfile
 import textwrap
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ from forgehand.sandbox.spec import SandboxSpec
 CANARY_NAME = "FORGEHAND_TEST_CANARY"
 CANARY = f"canary-{secrets.token_hex(8)}"
 os.environ[CANARY_NAME] = CANARY  # set in the test process before any sandbox starts
+CREATE_SECONDS = 120.0
+RUN_SECONDS = 120.0
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -90,7 +93,8 @@ class Box:
         self.spec = spec
 
     async def run(self, argv: list[str], **fields: Any) -> RunResult:
-        return await self.sandbox.client.run(run_spec(self.spec, argv, **fields))
+        async with asyncio.timeout(RUN_SECONDS):
+            return await self.sandbox.client.run(run_spec(self.spec, argv, **fields))
 
     async def probe(self, code: str, *args: str) -> Any:
         """Run Python ``code`` (which prints one JSON value) and return that value."""
@@ -104,14 +108,15 @@ def open_box(
     make_backend: Callable[..., SandboxBackend], base: Path
 ) -> Callable[..., AbstractAsyncContextManager[Box]]:
     """``async with open_box(**spec_extra) as box`` — a fresh sandbox of the backend."""
-    from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def open_(
         name: str = "work", resolver: Resolver | None = None, **extra: Any
     ) -> AsyncIterator[Box]:
         spec = hostile_spec(base, name, **extra)
-        async with make_backend(resolver).create(spec) as sandbox:
+        async with AsyncExitStack() as stack:
+            async with asyncio.timeout(CREATE_SECONDS):
+                sandbox = await stack.enter_async_context(make_backend(resolver).create(spec))
             yield Box(sandbox, spec)
 
     return open_

@@ -103,7 +103,8 @@ async def test_host_secrets_are_invisible(box: Box, canary: tuple[str, str]) -> 
             "canary_in_env": any(CANARY in v for v in os.environ.values()) or NAME in os.environ,
             "shadow": readable("/etc/shadow") is not None,
             "root": os.path.exists("/root") and bool(os.listdir("/root")),
-            "ssh": glob.glob("/root/.ssh/*") + glob.glob("/home/*/.ssh/*") + glob.glob("/etc/ssh/*key*"),
+            "ssh": glob.glob("/root/.ssh/*") + glob.glob("/home/*/.ssh/*")
+            + glob.glob("/etc/ssh/*key*"),
             "init_environ": CANARY.encode() in (readable("/proc/1/environ") or b""),
         }))
     """
@@ -282,14 +283,16 @@ async def test_other_sandboxes_runner_socket_is_out_of_reach(open_box: OpenBox) 
     code = """
         import json, os, socket, stat, sys
         found = []
-        for top in ("/", ):
-            for root, dirs, files in os.walk(top):
-                dirs[:] = [d for d in dirs if os.path.join(root, d) not in ("/proc", "/sys", "/dev")]
-                for name in files:
-                    path = os.path.join(root, name)
-                    with __import__("contextlib").suppress(OSError):
-                        if stat.S_ISSOCK(os.lstat(path).st_mode):
-                            found.append(path)
+        skip = ("/proc", "/sys", "/dev")
+        for root, dirs, files in os.walk("/"):
+            dirs[:] = [d for d in dirs if os.path.join(root, d) not in skip]
+            for name in files:
+                path = os.path.join(root, name)
+                try:
+                    if stat.S_ISSOCK(os.lstat(path).st_mode):
+                        found.append(path)
+                except OSError:
+                    pass
         s = socket.socket(socket.AF_UNIX)
         try:
             s.connect(sys.argv[1]); reach = "connected"

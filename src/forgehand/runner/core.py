@@ -69,6 +69,7 @@ class RunHandle:
     exited: pb.Event | None = None
     pid: int = 0
     closed: bool = False
+    final_bytes: int = 0  # journal size once the run has ended (it no longer changes)
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -105,6 +106,7 @@ class RunnerCore:
         self._reconnect: asyncio.Task[None] | None = None
         self._lock_fd = -1
         self._stopping = False
+        self._finished_bytes = 0
 
     async def __aenter__(self) -> RunnerCore:
         self.runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -180,6 +182,14 @@ class RunnerCore:
             run = await self._create(request)
         return run.run_id, True
 
+    async def start_for_attach(self, request: pb.AttachRequest) -> None:
+        """The start carried by an Attach (start-and-follow in one call)."""
+        if request.start.run_id != request.run_id:
+            raise errors.InvalidArgument("attach: start.run_id must equal run_id")
+        start = pb.StartRequest()
+        start.CopyFrom(request.start)
+        await self.start(start)
+
     def _check_capacity(self) -> None:
         running = sum(1 for r in self._runs.values() if r.exited is None)
         if running >= self.config.max_runs:
@@ -196,7 +206,22 @@ class RunnerCore:
             )
 
     def _journal_usage(self) -> int:
-        return sum(journal_bytes(r.journal) for r in self._runs.values())
+        """Finished runs' sizes are kept; only running runs' journals are measured."""
+        running = sum(journal_bytes(r.journal) for r in self._runs.values() if not r.exited)
+        return self._finished_bytes + running
+
+    def _set_exited(self, run: RunHandle, exited: pb.Event | None) -> None:
+        if exited is not None and run.exited is None:
+            run.final_bytes = journal_bytes(run.journal)
+            self._finished_bytes += run.final_bytes
+        run.exited = exited
+
+    def _drop(self, run: RunHandle) -> None:
+        """Take a run out of the registry (its files are removed by the caller)."""
+        run.closed = True
+        run.notify()
+        if self._runs.pop(run.run_id, None) is not None and run.exited is not None:
+            self._finished_bytes -= run.final_bytes
 
     async def _create(self, request: pb.StartRequest) -> RunHandle:
         directory = self.runs_dir / request.run_id
@@ -230,7 +255,7 @@ class RunnerCore:
         for run_id in ended:
             run = self._runs.get(run_id)
             if run is not None:
-                run.exited = read_exit_record(run.journal)
+                self._set_exited(run, read_exit_record(run.journal))
                 run.notify()
 
     def _on_keeper_lost(self) -> None:
@@ -255,7 +280,7 @@ class RunnerCore:
             message = f"the run was lost ({why}); its real exit status is unknown"
             log.warning("run %s: %s", run.run_id, message)
             exited = write_lost_exit(run.journal, seq, message)
-        run.exited = exited
+        self._set_exited(run, exited)
         run.notify()
 
     async def _recover(self) -> None:
@@ -272,8 +297,8 @@ class RunnerCore:
                 directory=directory,
                 request=request,
                 created_ns=directory.stat().st_mtime_ns,
-                exited=read_exit_record(directory / "journal"),
             )
+            self._set_exited(run, read_exit_record(run.journal))
             self._runs[run.run_id] = run
             if run.exited is None and run.run_id not in live:
                 self._mark_lost(run, "its keeper is gone")
@@ -420,9 +445,7 @@ class RunnerCore:
                 await asyncio.wait_for(wakeup.wait(), 0.5)
 
     async def _forget(self, run: RunHandle) -> None:
-        run.closed = True
-        run.notify()
-        self._runs.pop(run.run_id, None)
+        self._drop(run)
         await asyncio.to_thread(shutil.rmtree, run.directory, True)
 
     # -- pruning ------------------------------------------------------------------------
@@ -448,9 +471,7 @@ class RunnerCore:
         for run in finished:
             if self._journal_usage() < self.config.journal_max_bytes_total:
                 return
-            run.closed = True
-            run.notify()
-            self._runs.pop(run.run_id, None)
+            self._drop(run)
             shutil.rmtree(run.directory, ignore_errors=True)
 
 

@@ -115,6 +115,8 @@ class RunnerServicer:
 
     @_stream_errors
     async def Attach(self, request: pb.AttachRequest, _ctx: Any) -> AsyncIterator[bytes]:
+        if request.HasField("start"):
+            await self.core.start_for_attach(request)
         batches = self.core.attach(
             request.run_id, request.after_seq, request.wait_seconds, request.max_batch_bytes
         )

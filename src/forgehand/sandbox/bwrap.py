@@ -204,6 +204,9 @@ def build_argv(
         *_scratch_args(spec),
         *_mount_args(spec),
         *extra,
+        # Last: the sandbox's own root (a tmpfs holding the mount points) becomes
+        # read-only, so nothing but the work dir, /tmp and explicit mounts is writable.
+        *("--remount-ro", "/"),
         *_env_args(default_env(spec, identity)),
         *("--seccomp", str(seccomp_fd)),
         *("--chdir", str(spec.work_dir.sandbox_path)),

@@ -147,7 +147,11 @@ class RunnerClient:
         return response.run_id
 
     async def attach(
-        self, run_id: str, after_seq: int = 0, wait_seconds: float = 0.0
+        self,
+        run_id: str,
+        after_seq: int = 0,
+        wait_seconds: float = 0.0,
+        start: pb.StartRequest | None = None,
     ) -> AsyncIterator[Event | Handback]:
         """Every event after ``after_seq`` exactly once; ends at Exited, or with a Handback
         after ``wait_seconds`` while the run goes on (0 = wait for the end). Attaching
@@ -158,6 +162,8 @@ class RunnerClient:
         while True:
             remaining = 0.0 if deadline is None else max(0.001, deadline - loop.time())
             request = pb.AttachRequest(run_id=run_id, after_seq=last, wait_seconds=remaining)
+            if start is not None:
+                request.start.CopyFrom(start)  # idempotent: safe to resend on reconnect
             try:
                 async for response in self.transport.attach(request, None):
                     attempt = 0
@@ -184,16 +190,21 @@ class RunnerClient:
         """Start a run, feed it ``stdin`` if given, and collect its output until it ends."""
         if stdin is not None and not spec.stdin:
             raise errors.InvalidArgument("pass a RunSpec with stdin=True to send stdin")
-        run_id = await self.start(spec, run_id)
         if stdin is not None:
+            run_id = await self.start(spec, run_id)
             await self.write_stdin(run_id, stdin, eof=True)
-        return await self.collect(run_id)
+            return await self.collect(run_id)
+        run_id = run_id or new_run_id()
+        return await self.collect(run_id, start=spec.to_proto(run_id))
 
-    async def collect(self, run_id: str, after_seq: int = 0) -> RunResult:
-        """Attach until the run ends and gather its output by stream."""
+    async def collect(
+        self, run_id: str, after_seq: int = 0, start: pb.StartRequest | None = None
+    ) -> RunResult:
+        """Attach until the run ends (starting it first if ``start`` is given) and gather its
+        output by stream."""
         chunks: dict[Stream, list[bytes]] = {s: [] for s in Stream}
         truncated: list[Truncated] = []
-        async for event in self.attach(run_id, after_seq):
+        async for event in self.attach(run_id, after_seq, start=start):
             if isinstance(event, Output):
                 chunks[event.stream].append(event.data)
             elif isinstance(event, Truncated):

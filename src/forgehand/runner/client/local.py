@@ -59,6 +59,8 @@ class LocalTransport:
     async def attach(
         self, request: pb.AttachRequest, deadline: float | None
     ) -> AsyncIterator[pb.AttachResponse]:
+        if request.HasField("start"):
+            await _deadline(self.core.start_for_attach(request), deadline)
         batches = self.core.attach(
             request.run_id, request.after_seq, request.wait_seconds, request.max_batch_bytes
         )

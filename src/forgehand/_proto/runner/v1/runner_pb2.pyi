@@ -451,6 +451,7 @@ class AttachRequest(_message.Message):
     AFTER_SEQ_FIELD_NUMBER: _builtins.int
     WAIT_SECONDS_FIELD_NUMBER: _builtins.int
     MAX_BATCH_BYTES_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     after_seq: _builtins.int
     """0 = from the first event"""
@@ -458,6 +459,12 @@ class AttachRequest(_message.Message):
     """0 = until the run ends"""
     max_batch_bytes: _builtins.int
     """0 = runner default"""
+    @_builtins.property
+    def start(self) -> Global___StartRequest:
+        """Start the run first if it does not exist yet (with the same idempotency as Start;
+        start.run_id must equal run_id). Saves a round trip for start-and-follow.
+        """
+
     def __init__(
         self,
         *,
@@ -465,10 +472,11 @@ class AttachRequest(_message.Message):
         after_seq: _builtins.int = ...,
         wait_seconds: _builtins.float = ...,
         max_batch_bytes: _builtins.int = ...,
+        start: Global___StartRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start", b"start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "max_batch_bytes", b"max_batch_bytes", "run_id", b"run_id", "wait_seconds", b"wait_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "max_batch_bytes", b"max_batch_bytes", "run_id", b"run_id", "start", b"start", "wait_seconds", b"wait_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

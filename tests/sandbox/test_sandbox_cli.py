@@ -1,0 +1,91 @@
+"""``forgehand sandbox run|ls|gc``, ``forgehand doctor`` and ``forgehand bench sandbox``
+as a user runs them: real processes, real bwrap sandboxes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from forgehand.sandbox import cgroups
+
+pytestmark = [
+    pytest.mark.needs_root,
+    pytest.mark.skipif(shutil.which("bwrap") is None, reason="install the `bubblewrap` package"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: cgroups and tmpfs mounts"),
+    pytest.mark.skipif(
+        len(cgroups.detect_hierarchies()) < len(cgroups.Controller),
+        reason="needs memory, pids and cpu cgroup controllers",
+    ),
+]
+
+
+def forgehand(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    argv = [sys.executable, "-m", "forgehand.cli.main", *args]
+    return subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+
+
+def test_run_copies_output_byte_exact_and_exits_with_the_code() -> None:
+    done = forgehand(
+        "sandbox",
+        "run",
+        "--backend",
+        "bwrap",
+        "--",
+        "sh",
+        "-c",
+        'printf "a\\0b"; printf "e\\n" >&2; exit 7',
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (7, b"a\0b", b"e\n")
+
+
+def test_limit_breach_prints_the_reason() -> None:
+    done = forgehand(
+        "sandbox",
+        "run",
+        "--backend",
+        "bwrap",
+        "--memory",
+        "64M",
+        "--",
+        "python3",
+        "-c",
+        "x = [bytearray(16 << 20) for _ in range(64)]",
+    )
+    assert done.returncode != 0
+    assert b"oom" in done.stderr
+
+
+def test_stronger_isolation_than_available_fails_closed() -> None:
+    done = forgehand("sandbox", "run", "--backend", "bwrap", "--isolation", "kernel", "--", "true")
+    assert done.returncode != 0
+    assert b"isolation" in done.stderr
+
+
+def test_ls_gc_and_doctor() -> None:
+    assert forgehand("sandbox", "ls").returncode == 0
+    gc = forgehand("sandbox", "gc")
+    assert gc.returncode == 0
+    assert b"removed" in gc.stdout
+    doctor = forgehand("doctor")
+    assert doctor.returncode == 0
+    assert b"bwrap    available" in doctor.stdout
+
+
+@pytest.mark.slow
+def test_bench_sandbox_prints_one_json_object() -> None:
+    done = forgehand("bench", "sandbox", "--json", "--runs", "2", "--density-max", "2", timeout=600)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    result = json.loads(done.stdout)
+    assert set(result) == {"host_spawn_ms", "backends", "density"}
+    assert set(result["host_spawn_ms"]) == {"p50", "p99"}
+    bwrap = result["backends"]["bwrap"]
+    assert set(bwrap) == {"start_ms", "cold_start_ms", "idle_pss_mb"}
+    assert set(bwrap["start_ms"]) == set(bwrap["cold_start_ms"]) == {"p50", "p99"}
+    assert bwrap["idle_pss_mb"] > 0
+    assert set(result["density"]) == {"backend", "started", "seconds", "total_pss_mb"}
+    assert 1 <= result["density"]["started"] <= 2
