@@ -14,7 +14,7 @@ import pytest
 
 from forgehand.agent.replay import ReplayServer, Script
 from forgehand.agent.trajectory import read_trajectory
-from forgehand.cli.agent import run_agent
+from forgehand.cli.agent_run import run_agent
 from forgehand.cli.main import build_parser
 
 from .conftest import API_KEY, BUGGY_CALC, git, make_python_repo

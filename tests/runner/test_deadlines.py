@@ -86,16 +86,10 @@ async def test_expired_deadline_over_grpc(transport: GrpcTransport, work: Path, 
     assert (await transport.capabilities(10.0)).protocol == "forgehand.runner.v1"
 
 
-IGNORED_IN_PROCESS = {"Capabilities", "List", "Status"}
-
-
 @pytest.mark.parametrize("rpc", RPCS)
 async def test_expired_deadline_in_process(
     config: RunnerConfig, work: Path, rpc: str, request: pytest.FixtureRequest
 ) -> None:
-    if rpc in IGNORED_IN_PROCESS:
-        reason = "LocalTransport ignores the deadline of calls that answer without waiting"
-        request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
     (work / "f.txt").write_bytes(b"content")
     async with RunnerCore(config) as core:
         transport = LocalTransport(core)

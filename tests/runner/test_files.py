@@ -259,18 +259,9 @@ async def test_write_without_header_is_invalid(client: RunnerClient, work: Path)
     assert snapshot(work) == {}
 
 
-GRPC_ABORT_RACE = (
-    "grpcio ends a cancelled client stream like a finished one, so the server may commit "
-    "the partial file before the cancellation reaches it; files.py narrows the race, only a "
-    "commit message in the protocol closes it"
-)
-
-
 async def test_aborted_write_leaves_the_old_file_and_no_temp(
     client: RunnerClient, work: Path, request: pytest.FixtureRequest
 ) -> None:
-    if request.node.callspec.params["client"] != "local":
-        request.applymarker(pytest.mark.xfail(reason=GRPC_ABORT_RACE, strict=False))
     (work / "keep.txt").write_bytes(b"old")
     release = asyncio.Event()
 

@@ -313,11 +313,6 @@ def test_fuzz_raw_bytes(daemon: Daemon) -> None:
     check_no_leftovers(daemon)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py deserializes requests with FromString in grpcio's handler: undecodable "
-    "bytes answer UNKNOWN with the DecodeError's class path (INTERNAL for WriteFile)",
-)
 @pytest.mark.parametrize("method", METHODS)
 def test_undecodable_request_is_invalid_argument(daemon: Daemon, method: str) -> None:
     corrupt = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, length-delimited, length past the end

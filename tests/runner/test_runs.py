@@ -120,8 +120,10 @@ async def test_signalled_exit_reports_the_signal(client: RunnerClient) -> None:
 
 
 async def test_cancel_is_graceful(client: RunnerClient) -> None:
-    run_id = await client.start(sh("trap 'echo got-term; exit 7' TERM; sleep 30 & wait"))
-    await _wait_started(client, run_id)
+    run_id = await client.start(
+        sh("trap 'echo got-term; exit 7' TERM; echo ready; sleep 30 & wait")
+    )
+    await _wait_output(client, run_id, b"ready")
     assert await client.cancel(run_id, grace_seconds=5)
     result = await client.collect(run_id)
     assert result.exit.reason is ExitReason.CANCELLED
@@ -313,6 +315,13 @@ async def _wait_started(client: RunnerClient, run_id: str) -> None:
         if isinstance(event, Started):
             return
     raise AssertionError("run did not start")
+
+
+async def _wait_output(client: RunnerClient, run_id: str, marker: bytes) -> None:
+    async for event in client.attach(run_id, wait_seconds=10):
+        if isinstance(event, Output) and marker in event.data:
+            return
+    raise AssertionError(f"run never printed {marker!r}")
 
 
 async def _root(client: RunnerClient) -> Path:

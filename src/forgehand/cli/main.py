@@ -15,6 +15,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "forgehand.cli.sandbox",
     "forgehand.cli.steps",
     "forgehand.cli.agent",
+    "forgehand.cli.trajectory",
     "forgehand.cli.local",
     "forgehand.cli.solve",
 )

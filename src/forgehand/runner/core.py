@@ -375,10 +375,9 @@ class RunnerCore:
                 f"{self.config.max_stdin_chunk_bytes}: send smaller chunks"
             )
         run = self._get(run_id)
-        if data:
-            await self._control(run, "I", data)
-        if eof:
-            await self._control(run, "E")
+        if not data and eof and run.exited is not None:
+            return  # closing the stdin of a finished run: nothing left to do
+        await self._control(run, "I", (b"\x01" if eof else b"\x00") + data)
 
     async def resize_pty(self, run_id: str, rows: int, cols: int) -> None:
         if not (0 < rows <= 65535 and 0 < cols <= 65535):

@@ -114,14 +114,23 @@ class FileService:
         target = await self._prepare_target(header)
         fd, tmp = await _in_thread(_temp_beside, target, header.path, undo=_discard)
         try:
+            committed = False
             async for part in requests:
-                if part.WhichOneof("part") != "data":
-                    raise errors.InvalidArgument("only the first WriteFile message has a header")
+                kind = part.WhichOneof("part")
+                if committed or kind == "header" or kind is None:
+                    raise errors.InvalidArgument(
+                        "WriteFile takes one header, then data, then commit=true last"
+                    )
+                if kind == "commit":
+                    committed = part.commit
+                    continue
                 await _in_thread(_write_all, fd, part.data, header.path)
-            # gRPC ends the request stream of a call the client cancelled as if the client
-            # had finished it, and the cancellation usually lands a loop turn later: yield
-            # once for it. This narrows the race; only a commit message could close it.
-            await asyncio.sleep(0)
+            # A cancelled client's stream can end like a finished one: only an explicit
+            # commit puts the file in place.
+            if not committed:
+                raise errors.FailedPrecondition(
+                    f"WriteFile of {header.path!r} ended without commit: nothing was written"
+                )
         except BaseException:
             _discard((fd, tmp))
             raise

@@ -19,8 +19,8 @@ depends on the request) or ``X`` (error message). Frames with id 0 are notificat
 with newline-separated run ids whose journal grew, and ``!<run id>`` for runs that ended.
 
     S start   payload: serialized StartRequest      → O: pid (ascii)
-    I stdin   run_id NUL data                        → O once the data is in the pipe
-    E eof     run_id                                  → O
+    I stdin   run_id NUL eof-flag-byte data          → O once the data is in the pipe (and,
+                                                         with the flag, stdin is closed)
     R resize  run_id NUL u16 rows u16 cols            → O
     C cancel  run_id NUL f64 grace                    → O: "1" if it was running
     L live    (empty)                                  → O: newline-separated running run ids
@@ -285,7 +285,6 @@ class Keeper:
         handlers: dict[str, Callable[[Waiter, bytes], None]] = {
             "S": self._start,
             "I": self._stdin,
-            "E": self._stdin_eof,
             "R": self._resize,
             "C": self._cancel,
             "L": self._live,
@@ -331,7 +330,7 @@ class Keeper:
         self._reply(waiter, payload=str(run.pid).encode())
 
     def _stdin(self, waiter: Waiter, payload: bytes) -> None:
-        run_id, _, data = payload.partition(b"\0")
+        run_id, _, rest = payload.partition(b"\0")
         run = self._run_for(waiter, run_id.decode())
         if run is None:
             return
@@ -339,19 +338,8 @@ class Keeper:
         if error:
             self._reply(waiter, error)
             return
-        run.stdin_queue += data
-        run.stdin_waiters.append(waiter)
-        self._flush_stdin(run)
-
-    def _stdin_eof(self, waiter: Waiter, payload: bytes) -> None:
-        run = self._run_for(waiter, payload.decode())
-        if run is None:
-            return
-        error = _stdin_error(run)
-        if error:
-            self._reply(waiter, error)
-            return
-        run.stdin_eof = True
+        run.stdin_queue += rest[1:]
+        run.stdin_eof = run.stdin_eof or rest[:1] == b"\x01"
         run.stdin_waiters.append(waiter)
         self._flush_stdin(run)
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -57,15 +58,14 @@ class KeeperClient:
         self._reader_task = asyncio.create_task(self._read_loop(reader))
 
     async def _start_keeper(self) -> None:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "forgehand.runner.keeper",
-            json.dumps(asdict(self.settings)),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
+        # The keeper outlives this daemon: it must not hold our stderr (a caller reading it
+        # through a pipe would wait for the keeper to exit). It logs to a file instead.
+        log_path = Path(self.settings.state_dir) / "keeper.log"
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            process = await self._spawn_keeper(log_fd)
+        finally:
+            os.close(log_fd)
         assert process.stdout is not None
         try:
             line = await asyncio.wait_for(process.stdout.readline(), START_SECONDS)
@@ -76,7 +76,20 @@ class KeeperClient:
             raise errors.Internal(
                 "the runner's keeper process did not start"
                 + (": another keeper holds this state dir" if line.strip() == b"busy" else "")
+                + f"; see {log_path}"
             )
+
+    async def _spawn_keeper(self, log_fd: int) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "forgehand.runner.keeper",
+            json.dumps(asdict(self.settings)),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log_fd,
+            start_new_session=True,
+        )
 
     async def close(self) -> None:
         if self._reader_task is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from forgehand._proto.runner.v1 import runner_pb2 as pb
 from forgehand.runner import errors
@@ -169,35 +170,80 @@ class RunnerServicer:
         return await self.files.list_dir(request.path, request.max_entries)
 
 
+def _decode(message_type: Any, raw: bytes) -> Any:
+    """Parse a request here rather than in grpcio, so malformed bytes are INVALID_ARGUMENT
+    with a plain message instead of UNKNOWN with a Python class path."""
+    try:
+        return message_type.FromString(raw)
+    except DecodeError:
+        raise errors.InvalidArgument(
+            f"malformed {message_type.DESCRIPTOR.name} message: not valid protobuf"
+        ) from None
+
+
+def _unary(method: Any, message_type: Any) -> grpc.RpcMethodHandler[Any, Any]:
+    async def handler(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            request = _decode(message_type, raw)
+        except errors.RunnerError as exc:
+            await context.abort(exc.code, str(exc))
+        return await method(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(handler, None, _serialize)
+
+
+def _server_stream(
+    method: Any, message_type: Any, raw_out: bool = False
+) -> grpc.RpcMethodHandler[Any, Any]:
+    async def handler(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            request = _decode(message_type, raw)
+        except errors.RunnerError as exc:
+            await context.abort(exc.code, str(exc))
+        async for item in method(request, context):
+            yield item
+
+    return grpc.unary_stream_rpc_method_handler(
+        handler, None, (lambda b: b) if raw_out else _serialize
+    )
+
+
+def _client_stream(method: Any, message_type: Any) -> grpc.RpcMethodHandler[Any, Any]:
+    async def handler(
+        raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
+        async def decoded() -> AsyncIterator[Any]:
+            async for raw in raws:
+                yield _decode(message_type, raw)
+
+        return await method(decoded(), context)
+
+    return grpc.stream_unary_rpc_method_handler(handler, None, _serialize)
+
+
+def _serialize(message: Any) -> bytes:
+    data: bytes = message.SerializeToString()
+    return data
+
+
 def _handlers(servicer: RunnerServicer) -> grpc.GenericRpcHandler[Any, Any]:
-    def unary(method: Any, req: Any) -> grpc.RpcMethodHandler[Any, Any]:
-        return grpc.unary_unary_rpc_method_handler(
-            method, req.FromString, lambda m: m.SerializeToString()
-        )
-
-    def stream(method: Any, req: Any, raw: bool = False) -> grpc.RpcMethodHandler[Any, Any]:
-        serialize = (lambda b: b) if raw else (lambda m: m.SerializeToString())
-        return grpc.unary_stream_rpc_method_handler(method, req.FromString, serialize)
-
     s = servicer
     return grpc.method_handlers_generic_handler(
         SERVICE,
         {
-            "Capabilities": unary(s.Capabilities, pb.CapabilitiesRequest),
-            "Start": unary(s.Start, pb.StartRequest),
-            "Attach": stream(s.Attach, pb.AttachRequest, raw=True),
-            "WriteStdin": unary(s.WriteStdin, pb.WriteStdinRequest),
-            "ResizePty": unary(s.ResizePty, pb.ResizePtyRequest),
-            "Cancel": unary(s.Cancel, pb.CancelRequest),
-            "Status": unary(s.Status, pb.StatusRequest),
-            "List": unary(s.List, pb.ListRequest),
-            "Close": unary(s.Close, pb.CloseRequest),
-            "ReadFile": stream(s.ReadFile, pb.ReadFileRequest),
-            "WriteFile": grpc.stream_unary_rpc_method_handler(
-                s.WriteFile, pb.WriteFileRequest.FromString, lambda m: m.SerializeToString()
-            ),
-            "Stat": unary(s.Stat, pb.StatRequest),
-            "ListDir": unary(s.ListDir, pb.ListDirRequest),
+            "Capabilities": _unary(s.Capabilities, pb.CapabilitiesRequest),
+            "Start": _unary(s.Start, pb.StartRequest),
+            "Attach": _server_stream(s.Attach, pb.AttachRequest, raw_out=True),
+            "WriteStdin": _unary(s.WriteStdin, pb.WriteStdinRequest),
+            "ResizePty": _unary(s.ResizePty, pb.ResizePtyRequest),
+            "Cancel": _unary(s.Cancel, pb.CancelRequest),
+            "Status": _unary(s.Status, pb.StatusRequest),
+            "List": _unary(s.List, pb.ListRequest),
+            "Close": _unary(s.Close, pb.CloseRequest),
+            "ReadFile": _server_stream(s.ReadFile, pb.ReadFileRequest),
+            "WriteFile": _client_stream(s.WriteFile, pb.WriteFileRequest),
+            "Stat": _unary(s.Stat, pb.StatRequest),
+            "ListDir": _unary(s.ListDir, pb.ListDirRequest),
         },
     )
 
@@ -233,6 +279,8 @@ class RunnerServer:
                 "a TCP listener needs TLS and a bearer token: pass --tls-cert, --tls-key "
                 "and --token-file"
             )
+        if token is not None and len(token) < 16:
+            raise errors.InvalidArgument("the runner token must be at least 16 characters long")
         if not unix_socket and not tcp:
             raise errors.InvalidArgument("give a unix socket path or a TCP address to listen on")
         self.config = config

@@ -287,9 +287,10 @@ async def _write_requests(
     if isinstance(data, bytes):
         for offset in range(0, len(data), WRITE_CHUNK):
             yield pb.WriteFileRequest(data=data[offset : offset + WRITE_CHUNK])
-        return
-    async for chunk in data:
-        yield pb.WriteFileRequest(data=chunk)
+    else:
+        async for chunk in data:
+            yield pb.WriteFileRequest(data=chunk)
+    yield pb.WriteFileRequest(commit=True)
 
 
 def new_run_id() -> str:

@@ -9,7 +9,7 @@ the gRPC one. Deadlines behave as over gRPC: a call that outlives its timeout fa
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from forgehand._proto.runner.v1 import runner_pb2 as pb
@@ -21,10 +21,23 @@ T = TypeVar("T")
 
 
 async def _deadline(awaitable: Awaitable[T], deadline: float | None) -> T:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     try:
-        return await asyncio.wait_for(awaitable, deadline)
+        result = await asyncio.wait_for(awaitable, deadline)
     except TimeoutError:
         raise errors.DeadlineExceeded(f"no answer within {deadline}s") from None
+    if deadline is not None and loop.time() - started > deadline:
+        # As over gRPC: an answer that comes after the deadline is not an answer.
+        raise errors.DeadlineExceeded(f"no answer within {deadline}s")
+    return result
+
+
+def _sync(call: Callable[[], T], deadline: float | None) -> T:
+    """A call that answers at once: only an already expired deadline can fail it."""
+    if deadline is not None and deadline <= 0:
+        raise errors.DeadlineExceeded(f"no answer within {deadline}s")
+    return call()
 
 
 async def _deadline_stream(source: AsyncIterator[T], deadline: float | None) -> AsyncIterator[T]:
@@ -48,7 +61,7 @@ class LocalTransport:
         self.files = files or FileService(core.config.file_roots())
 
     async def capabilities(self, deadline: float | None) -> pb.CapabilitiesResponse:
-        return self.core.capabilities()
+        return _sync(self.core.capabilities, deadline)
 
     async def start(self, request: pb.StartRequest, deadline: float | None) -> pb.StartResponse:
         copy = pb.StartRequest()
@@ -84,10 +97,10 @@ class LocalTransport:
         return pb.CancelResponse(was_running=was_running)
 
     async def status(self, request: pb.StatusRequest, deadline: float | None) -> pb.RunStatus:
-        return self.core.status(request.run_id)
+        return _sync(lambda: self.core.status(request.run_id), deadline)
 
     async def list(self, deadline: float | None) -> pb.ListResponse:
-        return pb.ListResponse(runs=self.core.list())
+        return _sync(lambda: pb.ListResponse(runs=self.core.list()), deadline)
 
     async def close_run(self, request: pb.CloseRequest, deadline: float | None) -> None:
         await _deadline(self.core.close(request.run_id, request.force), deadline)

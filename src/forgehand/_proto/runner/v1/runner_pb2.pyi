@@ -1028,15 +1028,18 @@ Global___WriteFileHeader: _TypeAlias = WriteFileHeader  # noqa: Y015
 
 @_typing.final
 class WriteFileRequest(_message.Message):
-    """The first message carries the header; the rest carry data. The file appears, atomically
-    renamed into place, only once the client has closed the stream.
+    """The first message carries the header, the following ones data, and the last one
+    commit = true. Only then is the file renamed into place, atomically; a stream that ends
+    without a commit (a cancelled or timed-out client) leaves the target untouched.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     HEADER_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    COMMIT_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
+    commit: _builtins.bool
     @_builtins.property
     def header(self) -> Global___WriteFileHeader: ...
     def __init__(
@@ -1044,12 +1047,13 @@ class WriteFileRequest(_message.Message):
         *,
         header: Global___WriteFileHeader | None = ...,
         data: _builtins.bytes = ...,
+        commit: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header", "part", b"part"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "data", b"data", "header", b"header", "part", b"part"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header", "part", b"part"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "data", b"data", "header", b"header", "part", b"part"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "data"]  # noqa: Y015
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "data", "commit"]  # noqa: Y015
     _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
 
