@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import math
 import os
@@ -44,7 +45,17 @@ from forgehand.runner.keeper_client import KeeperClient
 log = logging.getLogger(__name__)
 
 PROTOCOL = "forgehand.runner.v1"
-FEATURES = ("argv", "script", "stdin", "pty", "timeout", "output-limit", "journal", "files")
+FEATURES = (
+    "argv",
+    "script",
+    "step",
+    "stdin",
+    "pty",
+    "timeout",
+    "output-limit",
+    "journal",
+    "files",
+)
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_ARGS_BYTES = 1024 * 1024
 PRUNE_INTERVAL = 60.0
@@ -98,6 +109,7 @@ class RunnerCore:
                 state_dir=str(config.state_dir),
                 journal_max_bytes=config.journal_max_bytes_per_run,
                 memory_events=config.memory_events,
+                roots=tuple(str(r) for r in config.file_roots()),
             ),
             self._on_notify,
             self._on_keeper_lost,
@@ -534,7 +546,10 @@ def validate_start(request: pb.StartRequest) -> None:
 def _validate_work(request: pb.StartRequest) -> None:
     work = request.WhichOneof("work")
     if work is None:
-        raise errors.InvalidArgument("say what to run: set argv or script")
+        raise errors.InvalidArgument("say what to run: set argv, script or step")
+    if work == "step":
+        _validate_step(request.step)
+        return
     if work == "argv":
         args = list(request.argv.args)
         if not args or not args[0]:
@@ -548,6 +563,21 @@ def _validate_work(request: pb.StartRequest) -> None:
         raise errors.InvalidArgument("argv and script may not contain NUL characters")
     if sum(len(s) for s in strings) > MAX_ARGS_BYTES:
         raise errors.InvalidArgument(f"argv or script is over {MAX_ARGS_BYTES} bytes")
+
+
+def _validate_step(step: pb.StepCall) -> None:
+    if not step.ref or "\0" in step.ref or len(step.ref) > 4096:
+        raise errors.InvalidArgument("step.ref must name a step (builtin://NAME, a path, URL@REV)")
+    if step.work_dir and not os.path.isabs(step.work_dir):
+        raise errors.InvalidArgument(f"step.work_dir must be absolute, got {step.work_dir!r}")
+    try:
+        inputs = json.loads(step.inputs_json or "{}")
+    except ValueError:
+        inputs = None
+    if not isinstance(inputs, dict):
+        raise errors.InvalidArgument("step.inputs_json must be a JSON object")
+    if len(step.inputs_json) > MAX_ARGS_BYTES:
+        raise errors.InvalidArgument(f"step.inputs_json is over {MAX_ARGS_BYTES} bytes")
 
 
 def _validate_env(request: pb.StartRequest) -> None:

@@ -56,6 +56,12 @@ from forgehand.runner.journal import JournalWriter
 
 FRAME = struct.Struct("<BII")
 ENDED_MARK = "!"  # a notification line "!<run id>": that run has ended
+STEP_EVENTS = -1  # the pseudo-stream of a step run's event pipe (fd 3 of the engine)
+STEP_KINDS = {
+    "step_started": pb.StepEvent.KIND_STARTED,
+    "step_finished": pb.StepEvent.KIND_FINISHED,
+    "result": pb.StepEvent.KIND_RESULT,
+}
 READ_BYTES = 1024 * 1024
 PIPE_BYTES = 1024 * 1024
 DEFAULT_GRACE = 2.0
@@ -78,6 +84,7 @@ class KeeperSettings:
     state_dir: str
     journal_max_bytes: int
     memory_events: str = ""
+    roots: tuple[str, ...] = ()
 
 
 def _set_subreaper() -> None:
@@ -139,6 +146,7 @@ class Run:
     oom_before: int = 0
     status: tuple[int, resource.struct_rusage] | None = None
     drain_until: float = 0.0
+    step_buffer: bytearray = field(default_factory=bytearray)
 
     @property
     def exited(self) -> bool:
@@ -374,6 +382,9 @@ class Keeper:
         argv = _argv(request)
         env = dict(request.env)
         env.setdefault("PATH", DEFAULT_PATH)
+        if request.HasField("step"):
+            run.stdin_queue += self._step_request(request, env)
+            run.stdin_eof = True
         if request.pty:
             env.setdefault("TERM", "xterm-256color")
         executable = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env["PATH"])
@@ -390,35 +401,56 @@ class Keeper:
             return f"cannot start {argv[0]!r}: {exc.strerror or exc}"
         return None
 
+    def _step_request(self, request: pb.StartRequest, env: dict[str, str]) -> bytes:
+        """The JSON request the step engine reads on its stdin."""
+        step = request.step
+        body = {
+            "ref": step.ref,
+            "inputs": json.loads(step.inputs_json or "{}"),
+            "env": env,
+            "work_dir": step.work_dir or request.cwd or (self.settings.roots or ("/",))[0],
+            "cache_dir": str(self.state_dir / "step-cache"),
+            "roots": list(self.settings.roots),
+        }
+        return json.dumps(body).encode()
+
     def _spawn_pipes(self, run: Run, executable: str, argv: list[str], env: dict[str, str]) -> int:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         for fd in (out_r, err_r):
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_BYTES)
-        if run.request.stdin == pb.STDIN_MODE_PIPE:
+        step_run = run.request.HasField("step")
+        if run.request.stdin == pb.STDIN_MODE_PIPE or step_run:
             in_r, run.stdin_fd = os.pipe()
             os.set_blocking(run.stdin_fd, False)
         else:
             in_r = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        ev_r, ev_w = os.pipe() if step_run else (-1, -1)
         actions = [
             (os.POSIX_SPAWN_DUP2, in_r, 0),
             (os.POSIX_SPAWN_DUP2, out_w, 1),
             (os.POSIX_SPAWN_DUP2, err_w, 2),
         ]
+        if step_run:
+            actions.append((os.POSIX_SPAWN_DUP2, ev_w, 3))
         try:
             pid = self._posix_spawn(run, executable, argv, env, actions)
         except OSError:
-            for fd in (out_r, err_r, run.stdin_fd):
+            for fd in (out_r, err_r, run.stdin_fd, ev_r):
                 if fd >= 0:
                     os.close(fd)
             run.stdin_fd = -1
             raise
         finally:
-            for fd in (in_r, out_w, err_w):
-                os.close(fd)
+            for fd in (in_r, out_w, err_w, ev_w):
+                if fd >= 0:
+                    os.close(fd)
         self._watch_output(run, out_r, pb.STREAM_STDOUT)
         self._watch_output(run, err_r, pb.STREAM_STDERR)
+        if step_run:
+            self._watch_output(run, ev_r, STEP_EVENTS)
+            self._flush_stdin(run)
         return pid
 
     def _spawn_pty(self, run: Run, executable: str, argv: list[str], env: dict[str, str]) -> int:
@@ -503,6 +535,9 @@ class Keeper:
         if not data:
             self._close_output(run, fd)
             return
+        if run.outputs[fd] == STEP_EVENTS:
+            self._record_step_events(run, data)
+            return
         limit = run.request.limits.max_output_bytes
         if limit and run.output_bytes + len(data) > limit:
             data = data[: max(0, limit - run.output_bytes)]
@@ -513,6 +548,15 @@ class Keeper:
             event.output.stream = run.outputs[fd]  # type: ignore[assignment]
             event.output.data = data
             self._append(run, event)
+
+    def _record_step_events(self, run: Run, data: bytes) -> None:
+        run.step_buffer += data
+        *lines, rest = run.step_buffer.split(b"\n")
+        run.step_buffer = bytearray(rest)
+        for line in lines:
+            event = _step_event(bytes(line))
+            if event is not None:
+                self._append(run, event)
 
     def _close_output(self, run: Run, fd: int) -> None:
         self.selector.unregister(fd)
@@ -672,7 +716,32 @@ class Keeper:
         del self.runs[run.run_id]
 
 
+def _step_event(line: bytes) -> pb.Event | None:
+    """A journal event from one JSON line of the step engine (malformed lines are dropped)."""
+    try:
+        raw = json.loads(line)
+        kind = STEP_KINDS[raw["type"]]
+    except (ValueError, KeyError, TypeError):
+        return None
+    event = pb.Event()
+    step = event.step
+    step.kind = kind
+    if kind == pb.StepEvent.KIND_RESULT:
+        step.result_json = json.dumps(raw.get("result"))
+        return event
+    step.path.extend(str(part) for part in raw.get("path") or ())
+    step.status = str(raw.get("status") or "")
+    if raw.get("outputs") is not None:
+        step.outputs_json = json.dumps(raw["outputs"])
+    if isinstance(raw.get("exit_code"), int):
+        step.exit_code = raw["exit_code"]
+    step.error = str(raw.get("error") or "")
+    return event
+
+
 def _argv(request: pb.StartRequest) -> list[str]:
+    if request.HasField("step"):
+        return [sys.executable, "-m", "forgehand.steps.engine"]
     if request.HasField("script"):
         return [request.script.interpreter or "/bin/sh", "-c", request.script.source]
     return list(request.argv.args)

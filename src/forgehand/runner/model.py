@@ -6,8 +6,10 @@ generated code to the rest of forgehand. Conversion lives here, next to the type
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from forgehand._proto.runner.v1 import runner_pb2 as pb
 
@@ -92,6 +94,28 @@ class Exited:
         return self.reason is ExitReason.EXITED and self.code == 0
 
 
+class StepEventKind(StrEnum):
+    STARTED = "started"
+    FINISHED = "finished"
+    RESULT = "result"
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """A step of a step run started or finished (``path`` [] is the requested step), or the
+    run's result tree arrived (``result``, the StepResult as a JSON-ready dict)."""
+
+    seq: int
+    time_ns: int
+    kind: StepEventKind
+    path: tuple[str, ...] = ()
+    status: str = ""
+    outputs: dict[str, Any] = field(default_factory=dict)
+    exit_code: int = 0
+    error: str = ""
+    result: dict[str, Any] | None = None
+
+
 @dataclass(frozen=True)
 class Handback:
     """Attach returned after its wait time with the run still going."""
@@ -99,7 +123,13 @@ class Handback:
     seq: int
 
 
-Event = Started | Output | Truncated | Exited
+Event = Started | Output | Truncated | Exited | StepEvent
+
+_STEP_KINDS = {
+    pb.StepEvent.KIND_STARTED: StepEventKind.STARTED,
+    pb.StepEvent.KIND_FINISHED: StepEventKind.FINISHED,
+    pb.StepEvent.KIND_RESULT: StepEventKind.RESULT,
+}
 
 
 def event_from_proto(event: pb.Event) -> Event:
@@ -115,7 +145,24 @@ def event_from_proto(event: pb.Event) -> Event:
         return Truncated(event.seq, event.time_unix_ns, t.first_seq, t.last_seq, t.bytes)
     if kind == "exited":
         return exited_from_proto(event.seq, event.time_unix_ns, event.exited)
+    if kind == "step":
+        return step_event_from_proto(event.seq, event.time_unix_ns, event.step)
     raise ValueError(f"event {event.seq} has no known kind")
+
+
+def step_event_from_proto(seq: int, time_ns: int, step: pb.StepEvent) -> StepEvent:
+    result = json.loads(step.result_json) if step.result_json else None
+    return StepEvent(
+        seq=seq,
+        time_ns=time_ns,
+        kind=_STEP_KINDS.get(step.kind, StepEventKind.FINISHED),
+        path=tuple(step.path),
+        status=step.status,
+        outputs=json.loads(step.outputs_json) if step.outputs_json else {},
+        exit_code=step.exit_code,
+        error=step.error,
+        result=result if isinstance(result, dict) else None,
+    )
 
 
 def exited_from_proto(seq: int, time_ns: int, e: pb.Exited) -> Exited:
@@ -140,6 +187,10 @@ class RunSpec:
     argv: tuple[str, ...] = ()
     script: str = ""
     interpreter: str = ""
+    step: str = ""
+    """A step reference (builtin://NAME, a step file path, URL@REV); runs the step engine."""
+    step_inputs: dict[str, Any] = field(default_factory=dict)
+    step_work_dir: str = ""
     cwd: str = ""
     env: dict[str, str] = field(default_factory=dict)
     stdin: bool = False
@@ -165,7 +216,11 @@ class RunSpec:
             ),
             cancel_grace_seconds=self.cancel_grace_seconds,
         )
-        if self.script:
+        if self.step:
+            request.step.ref = self.step
+            request.step.inputs_json = json.dumps(self.step_inputs)
+            request.step.work_dir = self.step_work_dir
+        elif self.script:
             request.script.source = self.script
             request.script.interpreter = self.interpreter
         else:
@@ -183,10 +238,19 @@ class RunResult:
     stderr: bytes = b""
     pty: bytes = b""
     truncated: list[Truncated] = field(default_factory=list)
+    steps: list[StepEvent] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.exit.ok
+
+    @property
+    def step_result(self) -> dict[str, Any] | None:
+        """A step run's result tree (StepResult as JSON), if the engine reported one."""
+        for event in reversed(self.steps):
+            if event.kind is StepEventKind.RESULT:
+                return event.result
+        return None
 
 
 @dataclass(frozen=True)

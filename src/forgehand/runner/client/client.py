@@ -40,6 +40,7 @@ from forgehand.runner.model import (
     RunInfo,
     RunResult,
     RunSpec,
+    StepEvent,
     Stream,
     Truncated,
     event_from_proto,
@@ -204,11 +205,14 @@ class RunnerClient:
         output by stream."""
         chunks: dict[Stream, list[bytes]] = {s: [] for s in Stream}
         truncated: list[Truncated] = []
+        steps: list[StepEvent] = []
         async for event in self.attach(run_id, after_seq, start=start):
             if isinstance(event, Output):
                 chunks[event.stream].append(event.data)
             elif isinstance(event, Truncated):
                 truncated.append(event)
+            elif isinstance(event, StepEvent):
+                steps.append(event)
             elif isinstance(event, Exited):
                 return RunResult(
                     run_id,
@@ -217,6 +221,7 @@ class RunnerClient:
                     stderr=b"".join(chunks[Stream.STDERR]),
                     pty=b"".join(chunks[Stream.PTY]),
                     truncated=truncated,
+                    steps=steps,
                 )
         raise errors.Internal(f"run {run_id!r} ended its event stream without an exit")
 

@@ -264,6 +264,38 @@ class Argv(_message.Message):
 Global___Argv: _TypeAlias = Argv  # noqa: Y015
 
 @_typing.final
+class StepCall(_message.Message):
+    """A step run (GitLab step syntax): the runner starts its step engine, which runs the step
+    and its sub-steps. Output arrives as Output events, the step tree as Step events.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REF_FIELD_NUMBER: _builtins.int
+    INPUTS_JSON_FIELD_NUMBER: _builtins.int
+    WORK_DIR_FIELD_NUMBER: _builtins.int
+    ref: _builtins.str
+    """builtin://NAME, a path to a step file or directory, or URL@REV"""
+    inputs_json: _builtins.str
+    """a JSON object of the step's inputs"""
+    work_dir: _builtins.str
+    """absolute; empty = the request's cwd, else the first root"""
+    def __init__(
+        self,
+        *,
+        ref: _builtins.str = ...,
+        inputs_json: _builtins.str = ...,
+        work_dir: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs_json", b"inputs_json", "ref", b"ref", "work_dir", b"work_dir"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepCall: _TypeAlias = StepCall  # noqa: Y015
+
+@_typing.final
 class Script(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -362,6 +394,7 @@ class StartRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     ARGV_FIELD_NUMBER: _builtins.int
     SCRIPT_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
     CWD_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
     STDIN_FIELD_NUMBER: _builtins.int
@@ -384,9 +417,9 @@ class StartRequest(_message.Message):
     @_builtins.property
     def argv(self) -> Global___Argv: ...
     @_builtins.property
-    def script(self) -> Global___Script:
-        """4 is kept for a step reference with inputs (forgehand.runner.v1 steps)."""
-
+    def script(self) -> Global___Script: ...
+    @_builtins.property
+    def step(self) -> Global___StepCall: ...
     @_builtins.property
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """the run's whole environment; nothing is inherited"""
@@ -401,6 +434,7 @@ class StartRequest(_message.Message):
         run_id: _builtins.str = ...,
         argv: Global___Argv | None = ...,
         script: Global___Script | None = ...,
+        step: Global___StepCall | None = ...,
         cwd: _builtins.str = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         stdin: Global___StdinMode.ValueType = ...,
@@ -410,11 +444,11 @@ class StartRequest(_message.Message):
         limits: Global___OutputLimits | None = ...,
         cancel_grace_seconds: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "limits", b"limits", "pty_size", b"pty_size", "script", b"script", "work", b"work"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "limits", b"limits", "pty_size", b"pty_size", "script", b"script", "step", b"step", "work", b"work"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "cancel_grace_seconds", b"cancel_grace_seconds", "cwd", b"cwd", "env", b"env", "limits", b"limits", "pty", b"pty", "pty_size", b"pty_size", "run_id", b"run_id", "script", b"script", "stdin", b"stdin", "timeout_seconds", b"timeout_seconds", "work", b"work"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "cancel_grace_seconds", b"cancel_grace_seconds", "cwd", b"cwd", "env", b"env", "limits", b"limits", "pty", b"pty", "pty_size", b"pty_size", "run_id", b"run_id", "script", b"script", "stdin", b"stdin", "step", b"step", "timeout_seconds", b"timeout_seconds", "work", b"work"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_work: _TypeAlias = _typing.Literal["argv", "script"]  # noqa: Y015
+    _WhichOneofReturnType_work: _TypeAlias = _typing.Literal["argv", "script", "step"]  # noqa: Y015
     _WhichOneofArgType_work: _TypeAlias = _typing.Literal["work", b"work"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_work) -> _WhichOneofReturnType_work | None: ...
 
@@ -647,6 +681,68 @@ class Exited(_message.Message):
 Global___Exited: _TypeAlias = Exited  # noqa: Y015
 
 @_typing.final
+class StepEvent(_message.Message):
+    """A structured event of a step run: a step (by its name path; [] is the requested step)
+    started or finished, or the whole run's result tree.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[StepEvent._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: StepEvent._Kind.ValueType  # 0
+        KIND_STARTED: StepEvent._Kind.ValueType  # 1
+        KIND_FINISHED: StepEvent._Kind.ValueType  # 2
+        KIND_RESULT: StepEvent._Kind.ValueType  # 3
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
+    KIND_UNSPECIFIED: StepEvent.Kind.ValueType  # 0
+    KIND_STARTED: StepEvent.Kind.ValueType  # 1
+    KIND_FINISHED: StepEvent.Kind.ValueType  # 2
+    KIND_RESULT: StepEvent.Kind.ValueType  # 3
+
+    KIND_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_JSON_FIELD_NUMBER: _builtins.int
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    RESULT_JSON_FIELD_NUMBER: _builtins.int
+    kind: Global___StepEvent.Kind.ValueType
+    status: _builtins.str
+    """finished: succeeded, failed, cancelled, skipped"""
+    outputs_json: _builtins.str
+    """finished: the step's outputs (sensitive values masked)"""
+    exit_code: _builtins.int
+    error: _builtins.str
+    result_json: _builtins.str
+    """result: the StepResult tree as JSON"""
+    @_builtins.property
+    def path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        kind: Global___StepEvent.Kind.ValueType = ...,
+        path: _abc.Iterable[_builtins.str] | None = ...,
+        status: _builtins.str = ...,
+        outputs_json: _builtins.str = ...,
+        exit_code: _builtins.int = ...,
+        error: _builtins.str = ...,
+        result_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "exit_code", b"exit_code", "kind", b"kind", "outputs_json", b"outputs_json", "path", b"path", "result_json", b"result_json", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepEvent: _TypeAlias = StepEvent  # noqa: Y015
+
+@_typing.final
 class Event(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -656,6 +752,7 @@ class Event(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
     EXITED_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     time_unix_ns: _builtins.int
     @_builtins.property
@@ -666,6 +763,8 @@ class Event(_message.Message):
     def truncated(self) -> Global___Truncated: ...
     @_builtins.property
     def exited(self) -> Global___Exited: ...
+    @_builtins.property
+    def step(self) -> Global___StepEvent: ...
     def __init__(
         self,
         *,
@@ -675,12 +774,13 @@ class Event(_message.Message):
         output: Global___Output | None = ...,
         truncated: Global___Truncated | None = ...,
         exited: Global___Exited | None = ...,
+        step: Global___StepEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["exited", b"exited", "kind", b"kind", "output", b"output", "started", b"started", "truncated", b"truncated"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["exited", b"exited", "kind", b"kind", "output", b"output", "started", b"started", "step", b"step", "truncated", b"truncated"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exited", b"exited", "kind", b"kind", "output", b"output", "seq", b"seq", "started", b"started", "time_unix_ns", b"time_unix_ns", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exited", b"exited", "kind", b"kind", "output", b"output", "seq", b"seq", "started", b"started", "step", b"step", "time_unix_ns", b"time_unix_ns", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["started", "output", "truncated", "exited"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["started", "output", "truncated", "exited", "step"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
