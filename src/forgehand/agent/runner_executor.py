@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import fnmatch
 import itertools
+import json
 import posixpath
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from forgehand.runner.model import (
     Handback,
     Output,
     RunSpec,
+    StepEvent,
+    StepEventKind,
     Truncated,
 )
 
@@ -62,6 +65,7 @@ Handler = Callable[[dict[str, Any], float], Awaitable[ToolOutcome]]
 class _Pending:
     run_id: str
     last_seq: int
+    result: dict[str, Any] | None = None  # a step run's StepResult, once it arrived
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,10 @@ class RunnerToolExecutor:
         *,
         env: Mapping[str, str] | None = None,
         settings: RunSettings | None = None,
+        step_refs: Mapping[str, str] | None = None,
     ) -> None:
         self.client = client
+        self.step_refs = dict(step_refs or {})  # tool name -> step reference
         self.work_dir = posixpath.normpath(work_dir)
         self._tools = [
             t if isinstance(t, ToolSpec) else ToolSpec.model_validate(t) for t in tool_defs
@@ -145,17 +151,29 @@ class RunnerToolExecutor:
     async def _run_step(
         self, name: str, arguments: dict[str, Any], yield_after: float
     ) -> ToolOutcome:
-        """Run a tool that is a step (`builtin://NAME` or a repository step).
-
-        Replace this with a run through the runner's step support once it lands: start the
-        step with `arguments` as its inputs, follow it like `_run`, and return its outputs.
-        The built-in handlers above then become `builtin://` steps too.
-        """
-        return ToolOutcome(
-            f"the tool {name!r} is a step, and this runner cannot run steps yet; use the "
-            "built-in tools (run, read_file, write_file, edit_file, list_files, search)",
-            is_error=True,
+        """Run a tool that is a step (`builtin://NAME` or a repository step) through the
+        runner's step engine, with `arguments` as its inputs; follow it like `_run`."""
+        ref = self.step_refs.get(name)
+        if ref is None:
+            known = ", ".join(sorted(set(BUILTIN_NAMES) | set(self.step_refs)))
+            return ToolOutcome(f"there is no tool {name!r}; the tools are: {known}", is_error=True)
+        spec = RunSpec(
+            step=ref,
+            step_inputs=arguments,
+            step_work_dir=self.work_dir,
+            cwd=self.work_dir,
+            env=self.env,
+            timeout_seconds=self.settings.default_timeout_s,
+            max_output_bytes=self.settings.max_output_bytes,
+            cancel_grace_seconds=self.settings.cancel_grace_s,
         )
+        run_id = await self.client.start(spec)
+        try:
+            return await self._follow(_Pending(run_id, 0), None, yield_after)
+        except asyncio.CancelledError:
+            with contextlib.suppress(errors.RunnerError):
+                await self.client.cancel(run_id, self.settings.cancel_grace_s)
+            raise
 
     # -- commands -----------------------------------------------------------------------
 
@@ -189,6 +207,8 @@ class RunnerToolExecutor:
                 parts.append(event.data.decode("utf-8", "replace"))
             elif isinstance(event, Truncated):
                 parts.append(f"\n[{event.bytes} bytes of output were dropped here]\n")
+            elif isinstance(event, StepEvent) and event.kind is StepEventKind.RESULT:
+                pending.result = event.result
             elif isinstance(event, Exited):
                 return await self._ended(pending, handle, "".join(parts), event)
             if not isinstance(event, Handback):
@@ -203,6 +223,8 @@ class RunnerToolExecutor:
         with contextlib.suppress(errors.RunnerError):
             await self.client.close_run(pending.run_id)
         code = exited.code if exited.reason is ExitReason.EXITED else -1
+        if pending.result is not None:  # a step: its outputs or error are the answer
+            return _step_outcome(output, pending.result, code)
         return ToolOutcome(f"{output}{_exit_note(exited)}", exit_code=code)
 
     def _still_running(
@@ -349,3 +371,14 @@ def _unknown_handle(handle: str, pending: Mapping[str, object]) -> ToolOutcome:
 
 def _matches(path: str, pattern: str) -> bool:
     return fnmatch.fnmatch(path, pattern) or fnmatch.fnmatch(posixpath.basename(path), pattern)
+
+
+def _step_outcome(output: str, result: dict[str, Any], code: int) -> ToolOutcome:
+    status = result.get("status")
+    lines = [output.rstrip()] if output.strip() else []
+    if result.get("outputs"):
+        lines.append("outputs: " + json.dumps(result["outputs"], indent=1, ensure_ascii=False))
+    if result.get("error"):
+        lines.append(f"error: {result['error']}")
+    lines.append(f"[step {status}]")
+    return ToolOutcome("\n".join(lines), is_error=status != "succeeded", exit_code=code)
