@@ -143,7 +143,7 @@ async def test_runner_that_cannot_start_is_reported_with_its_stderr(base: Path) 
     fake_root.mkdir()
     config = BwrapBackendConfig(state_dir=base / "state", package_root=fake_root, venv=Path("/usr"))
     backend = BwrapBackend(config)
-    with pytest.raises(SandboxLaunchError, match="runner stderr: .*No such file"):
+    with pytest.raises(SandboxLaunchError, match=r"runner stderr: .*No such file"):
         async with backend.create(make_spec(base)):
             pass
     assert await backend.list_sandboxes() == []

@@ -108,7 +108,7 @@ async def test_env_holds_only_what_was_named(base: Path, monkeypatch: pytest.Mon
     async with GVisorBackend().create(spec) as sandbox:
         run = await sandbox.client.run(sh("env", env={"ONLY": "this"}))
         runner = await sandbox.client.run(sh("tr '\\0' '\\n' < /proc/1/environ"))
-    assert sorted(run.stdout.decode().split()) == ["ONLY=this", "PATH=/usr/local/bin:/usr/bin:/bin"]
+    assert sorted(run.stdout.decode().split()) == ["ONLY=this", "PATH=/usr/local/bin:/usr/bin:/bin", "PWD=/work"]
     names = {line.split("=", 1)[0] for line in runner.stdout.decode().split()}
     assert "FOO" in names and "FORGEHAND_HOST_SECRET" not in names
     assert names <= {"FOO", "PATH", "HOME", "USER", "LANG", "TMPDIR", "PIP_CONFIG_FILE"} | {

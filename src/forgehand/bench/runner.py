@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from typing import Any
 
 from forgehand.runner.client import RunnerClient
 from forgehand.runner.model import Exited, Output, RunSpec
-from forgehand.runner.pump import pump
+from forgehand.runner.tuning import tune_malloc
 
 MIB = 1024 * 1024
 BLOCK = 64 * 1024
@@ -61,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    tune_malloc()
     result = asyncio.run(run_benchmark(args))
     if args.json:
         print(json.dumps(result))
@@ -119,6 +121,27 @@ def _stop_keeper(state: Path) -> None:
         with contextlib.suppress(OSError, IndexError, ValueError):
             if parts[5].endswith(f":{(state / 'keeper.lock').stat().st_ino}"):
                 os.kill(int(parts[4]), 9)
+
+
+@contextlib.asynccontextmanager
+async def relay_process(target: Path, listen: Path) -> AsyncIterator[Callable[[], None]]:
+    """A relay in its own process (so its pumping does not share the client's event loop),
+    and a function that cuts every connection through it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "forgehand.bench.relay",
+        str(listen),
+        str(target),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    await process.stdout.readline()
+    try:
+        yield lambda: process.send_signal(signal.SIGUSR1)
+    finally:
+        process.terminate()
+        await process.wait()
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -183,58 +206,28 @@ async def _pipe_seconds(argv: tuple[str, ...]) -> float:
     return time.perf_counter() - start
 
 
-class Relay:
-    """A unix-socket relay in front of the runner whose connections can be cut."""
-
-    def __init__(self, target: Path, path: Path) -> None:
-        self.target, self.path = target, path
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_unix_connection(str(self.target))
-        self.writers += [writer, up_writer]
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-        writer.close()
-        up_writer.close()
-
-    def cut(self) -> None:
-        cut, self.writers = self.writers, []
-        for writer in cut:
-            writer.transport.abort()
-
-
 async def reconnect(socket: Path, base: Path, mib: int, disconnects: int) -> dict[str, Any]:
     blocks = mib * MIB // BLOCK
-    relay = Relay(socket, base / "relay.sock")
-    server = await asyncio.start_unix_server(relay.serve, str(relay.path))
     spec = RunSpec(argv=("/usr/bin/python3", "-c", GENERATOR.format(blocks=blocks)))
     seen: dict[int, int] = {}
-    resumes: list[float] = []
     cuts = 0
-    cut_at = 0.0
-    every = max(1, blocks // (disconnects + 1))
+    every = max(1, blocks // (2 * disconnects))  # room for all cuts, one at a time
     _partial.clear()
-    try:
-        async with RunnerClient.unix(relay.path) as client:
-            run_id = await client.start(spec)
-            received_blocks, reconnects_at_cut = 0, 0
-            async for event in client.attach(run_id):
-                if cut_at and client.reconnects > reconnects_at_cut:
-                    resumes.append((time.perf_counter() - cut_at) * 1000)
-                    cut_at = 0.0
-                if isinstance(event, Output):
-                    received_blocks += _count_blocks(event.data, seen)
-                    if cuts < disconnects and received_blocks >= every * (cuts + 1):
-                        cuts += 1
-                        reconnects_at_cut = client.reconnects
-                        cut_at = time.perf_counter()
-                        relay.cut()
-                elif isinstance(event, Exited):
-                    break
-            reconnects = client.reconnects
-    finally:
-        server.close()
-        relay.cut()
+    relayed = base / "relay.sock"
+    async with relay_process(socket, relayed) as cut, RunnerClient.unix(relayed) as client:
+        run_id = await client.start(spec)
+        received_blocks = 0
+        async for event in client.attach(run_id):
+            if isinstance(event, Output):
+                received_blocks += _count_blocks(event.data, seen)
+                # One cut at a time: the next only once the client has reconnected.
+                due = cuts < disconnects and received_blocks >= every * (cuts + 1)
+                if due and client.reconnects >= cuts:
+                    cuts += 1
+                    cut()
+            elif isinstance(event, Exited):
+                break
+        reconnects, resumes = client.reconnects, client.resume_ms
     lost = sum(1 for i in range(blocks) if i not in seen) * BLOCK
     duplicated = sum(count - 1 for count in seen.values()) * BLOCK
     return {

@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import os
 import posixpath
-import shutil
 import sys
-import tempfile
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +46,14 @@ from forgehand.agent.workspace import (
     repo_root,
     snapshot,
 )
-from forgehand.runner.client import LocalTransport, RunnerClient
-from forgehand.runner.config import MAX_STATE_DIR_CHARS, RunnerConfig
-from forgehand.runner.core import RunnerCore
+from forgehand.agent.workspaces import (
+    Workspace,
+    WorkspaceError,
+    check_env,
+    give_to_owner_of,
+    open_workspace,
+    scratch_dir,
+)
 from forgehand.runner.errors import RunnerError
 from forgehand.steps.masking import Masker
 
@@ -61,26 +62,16 @@ SANDBOXES = ("none", "bwrap", "gvisor", "podman")
 EXIT_FINISHED, EXIT_STOPPED, EXIT_UNUSABLE = 0, 1, 2
 
 
-class AgentCliError(Exception):
+class AgentCliError(WorkspaceError):
     """The run could not start; the message says what to fix."""
 
 
 def run_command(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(run_agent(args))
-    except (AgentCliError, GitError, ModelConfigError, RunnerError) as exc:
+    except (WorkspaceError, GitError, ModelConfigError, RunnerError) as exc:
         print(f"forgehand agent: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
-
-
-@dataclass(frozen=True)
-class Workspace:
-    """Where the agent works: a runner client, and the work dir as host and sandbox see it."""
-
-    client: RunnerClient
-    host_dir: Path
-    sandbox_dir: str
-    env: dict[str, str]
 
 
 async def run_agent(args: argparse.Namespace) -> int:
@@ -94,7 +85,7 @@ async def run_agent(args: argparse.Namespace) -> int:
     trajectory = args.trajectory or (await git_dir(repo)) / "forgehand" / f"agent-{run_id}.jsonl"
     base = await head_commit(repo)
     _say(f"agent {run_id}: {config.type} {config.model}, sandbox {args.sandbox}")
-    async with _scratch() as scratch, _workspace(args.sandbox, scratch) as space:
+    async with scratch_dir() as scratch, open_workspace(args.sandbox, scratch) as space:
         space = await _checkout(repo, space)
         result = await _run_loop(args, config, space, secrets, trajectory)
         message = _commit_message(args.task, result)
@@ -110,7 +101,7 @@ async def _run_loop(
     secrets: Sequence[str],
     trajectory: Path,
 ) -> AgentResult:
-    _check_env(space.env, secrets)
+    check_env(space.env, secrets)
     executor = RunnerToolExecutor(space.client, space.sandbox_dir, env=space.env)
     system, task = await build_prompt(
         Task.from_text(args.task), space.host_dir, executor.tools(), lambda _author: False
@@ -153,97 +144,15 @@ def provider_config(args: argparse.Namespace) -> AnthropicConfig | OpenAIConfig:
     return config.model_copy(update={k: v for k, v in update.items() if v})
 
 
-@contextlib.asynccontextmanager
-async def _scratch() -> AsyncIterator[Path]:
-    parent = tempfile.gettempdir()
-    if len(parent) > MAX_STATE_DIR_CHARS - 30:
-        parent = "/tmp"  # the runner's state dir needs a short path (unix sockets)
-    path = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="fh-agent-", dir=parent))
-    await asyncio.to_thread(path.chmod, 0o711)  # a sandbox's own uid must reach work/
-    try:
-        yield path
-    finally:
-        await asyncio.to_thread(shutil.rmtree, path, True)
-
-
-@contextlib.asynccontextmanager
-async def _workspace(kind: str, scratch: Path) -> AsyncIterator[Workspace]:
-    work = scratch / "work"
-    await asyncio.to_thread(work.mkdir)
-    if kind == "none":
-        async with _local_runner(scratch, work) as space:
-            yield space
-        return
-    async with _sandboxed(kind, work) as space:
-        yield space
-
-
-@contextlib.asynccontextmanager
-async def _local_runner(scratch: Path, work: Path) -> AsyncIterator[Workspace]:
-    home = scratch / "home"
-    await asyncio.to_thread(home.mkdir)
-    config = RunnerConfig(state_dir=scratch / "state", roots=(work,))
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
-        "HOME": str(home),
-        "LANG": "C.UTF-8",
-        "TERM": "dumb",
-        "PAGER": "cat",
-        "GIT_PAGER": "cat",
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
-    async with RunnerCore(config) as core, RunnerClient(LocalTransport(core)) as client:
-        yield Workspace(client, work, str(work), env)
-
-
-@contextlib.asynccontextmanager
-async def _sandboxed(kind: str, work: Path) -> AsyncIterator[Workspace]:
-    from forgehand.sandbox.backend import choose_backend
-    from forgehand.sandbox.errors import SandboxError
-    from forgehand.sandbox.spec import SandboxSpec, WorkDir
-
-    spec = SandboxSpec(work_dir=WorkDir(host_path=work))
-    try:
-        backend = choose_backend(spec, kind)
-    except SandboxError as exc:
-        raise AgentCliError(
-            f"sandbox {kind!r} is not available here ({exc}); install what it needs or "
-            "run with --sandbox none"
-        ) from None
-    async with contextlib.AsyncExitStack() as stack:
-        try:
-            sandbox = await stack.enter_async_context(backend.create(spec))
-        except SandboxError as exc:
-            raise AgentCliError(f"cannot start the {kind} sandbox: {exc}") from None
-        env = {"LANG": "C.UTF-8", "TERM": "dumb", "PAGER": "cat", "GIT_PAGER": "cat"}
-        yield Workspace(sandbox.client, sandbox.work_dir, str(spec.work_dir.sandbox_path), env)
-
-
 async def _checkout(repo: Path, space: Workspace) -> Workspace:
     """Clone `repo` into `repo/` of the work dir (a sandbox may keep its own files there)."""
     await clone_copy(repo, space.host_dir / "repo")
-    await asyncio.to_thread(_give_to_owner_of, space.host_dir, space.host_dir / "repo")
+    await asyncio.to_thread(give_to_owner_of, space.host_dir, space.host_dir / "repo")
     return dataclasses.replace(
         space,
         host_dir=space.host_dir / "repo",
         sandbox_dir=posixpath.join(space.sandbox_dir, "repo"),
     )
-
-
-def _give_to_owner_of(work: Path, tree: Path) -> None:
-    """chown `tree` to the owner of `work` (a sandbox's own uid owns its work dir)."""
-    owner = work.stat()
-    if os.geteuid() != 0 or owner.st_uid == os.geteuid():
-        return
-    for directory, dirs, files in os.walk(tree):
-        for name in [directory, *(os.path.join(directory, n) for n in dirs + files)]:
-            os.lchown(name, owner.st_uid, owner.st_gid)
-
-
-def _check_env(env: dict[str, str], secrets: Sequence[str]) -> None:
-    for name, value in env.items():
-        if any(secret and secret in value for secret in secrets):
-            raise AgentCliError(f"the sandbox environment variable {name} holds a secret")
 
 
 def _env_secrets(names: Sequence[str]) -> list[str]:

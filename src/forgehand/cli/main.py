@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from forgehand.runner.tuning import tune_malloc
+
+    tune_malloc()
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
     try:

@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return run(args.socket)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from forgehand.runner.tuning import tune_malloc
+
+    tune_malloc()
     # Imported here so that `proxy`, which runs once per exec-channel connection, starts fast.
     from pydantic import ValidationError
 

@@ -59,6 +59,7 @@ FEATURES = (
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_ARGS_BYTES = 1024 * 1024
 PRUNE_INTERVAL = 60.0
+FIRST_BATCH_BYTES = 64 * 1024
 CLOSE_WAIT_SECONDS = 10.0
 
 
@@ -347,11 +348,13 @@ class RunnerCore:
         self, run: RunHandle, reader: JournalReader, budget: int, deadline: float | None
     ) -> AsyncIterator[AttachBatch]:
         loop = asyncio.get_running_loop()
+        first = min(budget, FIRST_BATCH_BYTES)  # the first event reaches the client fast
         while True:
             wakeup = run.wakeup
             exited = run.exited
             # Journal files are local and page-cached; reads are bounded by the batch size.
-            records = reader.read(budget)
+            records = reader.read(first or budget)
+            first = 0
             if records:
                 yield AttachBatch([payload for _seq, payload in records])
                 if exited is not None and reader.last_seq >= exited.seq:

@@ -21,10 +21,10 @@ nothing is delivered twice. A reader already inside a segment keeps its open fil
 it whole even if the writer deletes it.
 
 Durability (the fsync policy): records are written with one ``write`` each and are not
-fsynced one by one; the page cache survives a crash of the daemon or of the supervisor,
-which is what the protocol promises. The writer fsyncs a segment when it rotates it, and
-fsyncs the exit record and the last segment when the run has ended, after the daemon has
-been told (so fsync latency is not on the path of a short command). A power loss can lose
+fsynced one by one; the page cache survives a crash of the daemon or of the keeper, which
+is what the protocol promises. The writer fsyncs the exit record and the last segment when
+the run has ended, after the daemon has been told (so fsync latency is not on the path of
+a short command); rotated segments are not fsynced. A power loss can lose
 the last moments of output and, within milliseconds of the end, the exit status; a
 sandbox does not survive a power loss anyway.
 """
@@ -49,6 +49,8 @@ EXIT_FILE = "exit.rec"
 TRUNCATIONS_FILE = "truncations.bin"
 EXIT_RESERVE_BYTES = 4096
 MAX_RECORD_BYTES = 64 * 1024 * 1024
+MAX_SEGMENT_BYTES = 4 * 1024 * 1024
+MIN_READ_BYTES = 64 * 1024
 
 
 class JournalCorrupt(Exception):
@@ -112,7 +114,9 @@ class JournalWriter:
 
     def __post_init__(self) -> None:
         if self.segment_bytes <= 0:
-            self.segment_bytes = max(64 * 1024, self.max_bytes // 16)
+            # Small enough that a resumed reader finds its place quickly, large enough that
+            # the middle is dropped in useful pieces.
+            self.segment_bytes = min(MAX_SEGMENT_BYTES, max(64 * 1024, self.max_bytes // 16))
         self.directory.mkdir(parents=True, exist_ok=True)
         self._reserve_exit_record()
         self._open_segment(self.next_seq)
@@ -155,7 +159,6 @@ class JournalWriter:
             self._rotate()
 
     def _rotate(self) -> None:
-        os.fsync(self._fd)
         os.close(self._fd)
         self._open_segment(self.next_seq)
         self._drop_middle()
@@ -301,7 +304,7 @@ class JournalReader:
 
     def _read_current(self, budget: int) -> tuple[list[tuple[int, bytes]], bool]:
         """Records newer than last_seq from the next chunk, and whether any bytes were read."""
-        size = min(max(self.READ_CHUNK, budget), 16 * self.READ_CHUNK)
+        size = min(max(MIN_READ_BYTES, budget), 16 * self.READ_CHUNK)
         chunk = os.pread(self._file, size, self._offset)
         if chunk:
             self._buffer += chunk
@@ -357,8 +360,21 @@ class JournalReader:
             return False
         self._segment_first = first
         self._buffer.clear()
-        self._offset = 0
+        self._offset = self._skip_to_cursor() if first <= self.last_seq else 0
         return True
+
+    def _skip_to_cursor(self) -> int:
+        """The offset of the first record after last_seq, found by walking record headers
+        (a resume does not read the payloads it has already delivered)."""
+        offset = 0
+        while True:
+            header = os.pread(self._file, HEADER.size, offset)
+            if len(header) < HEADER.size:
+                return offset
+            length, _crc, seq = HEADER.unpack(header)
+            if seq > self.last_seq or length > MAX_RECORD_BYTES or (length, seq) == (0, 0):
+                return offset
+            offset += HEADER.size + length
 
     def _advance_if_final(self, out: list[tuple[int, bytes]]) -> bool:
         """At the end of the current segment: move to its successor if one exists."""

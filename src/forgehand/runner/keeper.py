@@ -53,6 +53,7 @@ from typing import Any
 
 from forgehand._proto.runner.v1 import runner_pb2 as pb
 from forgehand.runner.journal import JournalWriter
+from forgehand.runner.tuning import tune_malloc
 
 FRAME = struct.Struct("<BII")
 ENDED_MARK = "!"  # a notification line "!<run id>": that run has ended
@@ -779,6 +780,7 @@ def main() -> None:
     settings = KeeperSettings(**json.loads(sys.argv[1]))
     if os.fork():
         os._exit(0)
+    tune_malloc()
     state_dir = Path(settings.state_dir)
     lock = os.open(state_dir / "keeper.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:

@@ -252,6 +252,9 @@ def channel_options(config_max_bytes: int) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_send_message_length", config_max_bytes),
         ("grpc.max_receive_message_length", config_max_bytes),
+        # Start streams with a large flow-control window: output batches are up to a few
+        # MiB, and the default 64 KiB window costs round trips before the first one lands.
+        ("grpc.http2.lookahead_bytes", 16 * 1024 * 1024),
         ("grpc.so_reuseport", 0),
     ]
 

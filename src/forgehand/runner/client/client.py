@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -85,6 +86,8 @@ class RunnerClient:
         self.retry = retry or RetryPolicy()
         self.state = ClientState.OPEN
         self.reconnects = 0
+        self.resume_ms: list[float] = []
+        """Per resumed attach: ms from noticing the broken stream to the next event."""
 
     @classmethod
     def connect(cls, connector: Connector, **kwargs: object) -> RunnerClient:
@@ -160,6 +163,7 @@ class RunnerClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds if wait_seconds > 0 else None
         last, attempt = after_seq, 0
+        broken_at = 0.0
         while True:
             remaining = 0.0 if deadline is None else max(0.001, deadline - loop.time())
             request = pb.AttachRequest(run_id=run_id, after_seq=last, wait_seconds=remaining)
@@ -168,6 +172,9 @@ class RunnerClient:
             try:
                 async for response in self.transport.attach(request, None):
                     attempt = 0
+                    if broken_at:
+                        self.resume_ms.append((time.perf_counter() - broken_at) * 1000)
+                        broken_at = 0.0
                     for proto in response.events:
                         if proto.seq <= last:
                             continue
@@ -183,6 +190,7 @@ class RunnerClient:
                         return
                 raise errors.Unavailable("the attach stream was cut")
             except errors.Unavailable:
+                broken_at = broken_at or time.perf_counter()
                 attempt = await self._backoff(attempt)
 
     async def run(

@@ -58,6 +58,7 @@ class GrpcTransport:
             options = [
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.http2.lookahead_bytes", 16 * 1024 * 1024),
                 *dial.options,
             ]
             if dial.credentials is None:
