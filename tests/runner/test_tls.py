@@ -245,12 +245,8 @@ async def test_tcp_without_tls_and_token_is_refused(
 async def test_weak_or_unsendable_token_is_refused(
     config: RunnerConfig, pki: Pki, token: str
 ) -> None:
-    server = RunnerServer(
-        config, tcp="127.0.0.1:0", tls_cert=pki.cert, tls_key=pki.key, token=token
-    )
     with pytest.raises(errors.InvalidArgument, match="token"):
-        async with server:
-            pass
+        RunnerServer(config, tcp="127.0.0.1:0", tls_cert=pki.cert, tls_key=pki.key, token=token)
 
 
 async def test_unknown_method_is_unimplemented_without_leaking(

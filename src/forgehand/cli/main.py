@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "forgehand.cli.trajectory",
     "forgehand.cli.local",
     "forgehand.cli.solve",
+    "forgehand.cli.demo",
 )
 
 Handler = Callable[[argparse.Namespace], int]

@@ -314,6 +314,21 @@ class LocalForge:
 
         await self._store.run(upsert)
 
+    async def set_issue_state(
+        self, number: int, state: IssueState, *, locked: bool | None = None
+    ) -> None:
+        """Close or reopen an issue, and lock or unlock it (for the CLI and tests)."""
+
+        def update(db: sqlite3.Connection) -> None:
+            current = self._issue_row(db, number)
+            lock = bool(current["locked"]) if locked is None else locked
+            db.execute(
+                "UPDATE issues SET state = ?, locked = ? WHERE repo = ? AND number = ?",
+                (state.value, int(lock), self._repo, number),
+            )
+
+        await self._store.run(update)
+
     async def create_issue(
         self,
         title: str,
@@ -489,6 +504,16 @@ async def comment(
 ) -> Comment:
     """Add a comment to a local issue."""
     return await LocalForge(config, ref.project).add_comment(ref.number, body, author=author)
+
+
+async def list_all_merge_requests(config: LocalConfig) -> list[LocalMergeRequest]:
+    """Every merge request of every repository in the local forge's database."""
+
+    def fetch(db: sqlite3.Connection) -> list[LocalMergeRequest]:
+        rows = db.execute(f"SELECT {_MR_COLUMNS} FROM merge_requests ORDER BY repo, number")  # noqa: S608
+        return [_row_to_mr(row) for row in rows]
+
+    return await LocalStore(config.database).run(fetch)
 
 
 async def list_merge_requests(config: LocalConfig, repo: Path) -> list[LocalMergeRequest]:

@@ -66,6 +66,7 @@ STEP_KINDS = {
 READ_BYTES = 1024 * 1024
 PIPE_BYTES = 1024 * 1024
 DEFAULT_GRACE = 2.0
+ANNOUNCE_DELAY = 0.002
 DRAIN_SECONDS = 2.0
 IDLE_EXIT_SECONDS = 60.0
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -148,6 +149,7 @@ class Run:
     status: tuple[int, resource.struct_rusage] | None = None
     drain_until: float = 0.0
     step_buffer: bytearray = field(default_factory=bytearray)
+    announce_at: float = 0.0  # when to tell the daemon about Started, unless news comes first
 
     @property
     def exited(self) -> bool:
@@ -190,6 +192,7 @@ class Keeper:
             self._reap()
             self._enforce_deadlines()
             self._finish_drained()
+            self._announce_due()
             self._flush_notifications()
 
     def _should_exit(self) -> bool:
@@ -202,7 +205,9 @@ class Keeper:
         now = time.monotonic()
         deadlines = [now + IDLE_EXIT_SECONDS]
         for run in self.runs.values():
-            deadlines += [d for d in (run.term_at, run.kill_at, run.drain_until) if d]
+            deadlines += [
+                d for d in (run.term_at, run.kill_at, run.drain_until, run.announce_at) if d
+            ]
             timeout = run.request.timeout_seconds
             if timeout > 0 and not run.kill_reason:
                 deadlines.append(run.started + timeout)
@@ -258,6 +263,7 @@ class Keeper:
     def _send(self, conn: Conn, frame: bytes) -> None:
         if conn not in self.conns:
             return
+        was_waiting = bool(conn.outbuf)
         conn.outbuf += frame
         try:
             sent = conn.sock.send(conn.outbuf) if conn.outbuf else 0
@@ -267,8 +273,9 @@ class Keeper:
             self._drop(conn)
             return
         del conn.outbuf[:sent]
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0)
-        self.selector.modify(conn.sock, events, self.selector.get_key(conn.sock).data)
+        if bool(conn.outbuf) != was_waiting:  # only touch epoll when write interest changes
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0)
+            self.selector.modify(conn.sock, events, self.selector.get_key(conn.sock).data)
 
     def _reply(self, waiter: Waiter, error: str = "", payload: bytes = b"") -> None:
         frame = (
@@ -277,6 +284,13 @@ class Keeper:
             else (encode_frame("O", waiter.ident, payload))
         )
         self._send(waiter.conn, frame)
+
+    def _announce_due(self) -> None:
+        now = time.monotonic()
+        for run in self.runs.values():
+            if run.announce_at and now >= run.announce_at:
+                run.announce_at = 0.0
+                self.dirty.add(run.run_id)
 
     def _flush_notifications(self) -> None:
         if not self.dirty and not self.ended:
@@ -335,7 +349,9 @@ class Keeper:
         started = pb.Event()
         started.started.pid = run.pid
         started.started.started_unix_ns = time.time_ns()
-        self._append(run, started)
+        self._append(run, started, announce=False)
+        # A short command's Started, output and exit then reach the client in one batch.
+        run.announce_at = time.monotonic() + ANNOUNCE_DELAY
         self._reply(waiter, payload=str(run.pid).encode())
 
     def _stdin(self, waiter: Waiter, payload: bytes) -> None:
@@ -512,7 +528,7 @@ class Keeper:
 
     # -- journal --------------------------------------------------------------------------
 
-    def _append(self, run: Run, event: pb.Event) -> None:
+    def _append(self, run: Run, event: pb.Event, announce: bool = True) -> None:
         try:
             run.journal.append(event)
         except OSError as exc:
@@ -521,7 +537,9 @@ class Keeper:
             self._request_kill(
                 run, pb.EXIT_REASON_ERROR, "journal disk full: the run was stopped", 0
             )
-        self.dirty.add(run.run_id)
+        if announce:
+            run.announce_at = 0.0
+            self.dirty.add(run.run_id)
 
     def _on_output(self, fd: int, _mask: int) -> None:
         run = self.by_fd[fd]

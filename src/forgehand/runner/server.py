@@ -282,14 +282,14 @@ class RunnerServer:
                 "a TCP listener needs TLS and a bearer token: pass --tls-cert, --tls-key "
                 "and --token-file"
             )
-        if token is not None and len(token) < 16:
-            raise errors.InvalidArgument("the runner token must be at least 16 characters long")
         if not unix_socket and not tcp:
             raise errors.InvalidArgument("give a unix socket path or a TCP address to listen on")
         self.config = config
         self.unix_socket = unix_socket
         self.tcp = tcp
         self.tls_cert, self.tls_key, self.token = tls_cert, tls_key, token
+        # Built here so a weak or unsendable token is refused before anything starts.
+        self._interceptor = TokenInterceptor(token) if token else None
         self.core = RunnerCore(config)
         self.tcp_port = 0
         self._server: grpc.aio.Server | None = None
@@ -305,7 +305,7 @@ class RunnerServer:
 
     async def _start_grpc(self) -> None:
         interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (
-            [TokenInterceptor(self.token)] if self.token else []
+            [self._interceptor] if self._interceptor else []
         )
         server = grpc.aio.server(
             options=channel_options(self.config.max_message_bytes), interceptors=interceptors

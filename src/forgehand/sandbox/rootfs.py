@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import sys
@@ -36,6 +37,7 @@ from forgehand.sandbox.egress import AllowRule, EgressConfig, EgressProxy
 from forgehand.sandbox.errors import BackendUnavailable, SandboxLaunchError
 from forgehand.sandbox.spec import DirRoot, ProxyNetwork, SandboxSpec
 
+log = logging.getLogger(__name__)
 SANDBOX_UID = 1000
 SANDBOX_GID = 1000
 SANDBOX_USER = "sandbox"
@@ -251,9 +253,11 @@ async def run_host(argv: Sequence[str], *, check: bool = True) -> tuple[int, str
         )
     except FileNotFoundError as exc:
         raise BackendUnavailable(f"{argv[0]} not found: install it (see availability())") from exc
+    log.debug("started %s", " ".join(argv))
     output, _ = await process.communicate()
     text = output.decode(errors="replace").strip()
     code = process.returncode if process.returncode is not None else -1
+    log.debug("status %s of %s", code, argv[:4])
     if check and code != 0:
         raise SandboxLaunchError(f"`{' '.join(argv)}` failed with status {code}: {text[-2000:]}")
     return code, text

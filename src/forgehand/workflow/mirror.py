@@ -126,7 +126,16 @@ async def seed_checkout(mirror: Mirror, destination: Path, commit: str) -> None:
     sandbox can change is shared with the mirror); the clone keeps no remote.
     """
     branch = mirror.default_branch
-    await git("clone", "--quiet", "--local", "--no-hardlinks", "--no-checkout",
-              "--branch", branch, str(mirror.path), str(destination))  # fmt: skip
+    await git(
+        "clone",
+        "--quiet",
+        "--local",
+        "--no-hardlinks",
+        "--no-checkout",
+        "--branch",
+        branch,
+        str(mirror.path),
+        str(destination),
+    )
     await git("-C", str(destination), "remote", "remove", "origin")
     await git("-C", str(destination), "checkout", "--quiet", "-B", branch, commit)

@@ -55,6 +55,8 @@ class RunStore(Protocol):
 
     async def list_runs(self, limit: int = 50) -> list[RunRecord]: ...
 
+    async def runs_for_issue(self, issue: str) -> list[RunRecord]: ...
+
     async def start_phase(self, run_id: str, phase: Phase) -> None: ...
 
     async def complete_phase(self, run_id: str, phase: Phase, output: dict[str, Any]) -> None: ...
@@ -108,6 +110,18 @@ class SqliteRunStore:
         def fetch(db: sqlite3.Connection) -> list[RunRecord]:
             rows = db.execute(
                 "SELECT run_id FROM runs ORDER BY created DESC, rowid DESC LIMIT ?", (limit,)
+            ).fetchall()
+            return [self._record(db, row["run_id"]) for row in rows]
+
+        return await self._run(fetch)
+
+    async def runs_for_issue(self, issue: str) -> list[RunRecord]:
+        """Every run for `issue`, newest first."""
+
+        def fetch(db: sqlite3.Connection) -> list[RunRecord]:
+            rows = db.execute(
+                "SELECT run_id FROM runs WHERE issue = ? ORDER BY created DESC, rowid DESC",
+                (issue,),
             ).fetchall()
             return [self._record(db, row["run_id"]) for row in rows]
 

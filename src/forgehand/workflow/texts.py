@@ -55,7 +55,9 @@ def evidence_table(verification: Verification) -> str:
     ]
     if verification.new_tests:
         lines += ["", "New tests (run by the harness on the old code, then on the new):"]
-        lines += [f"- `{t.test}`: {t.before} before → {t.after} after" for t in verification.new_tests]
+        lines += [
+            f"- `{t.test}`: {t.before} before → {t.after} after" for t in verification.new_tests
+        ]
     if verification.regressions:
         lines += ["", "Regressions:", *(f"- `{t}`" for t in verification.regressions)]
     if verification.flags:
@@ -106,7 +108,11 @@ def success_comment(mr_url: str, verification: Verification, cost: str) -> str:
 def failure_comment(
     outcome: str, message: str, output: str, branch: str | None, run_id: str
 ) -> str:
-    parts = [f"forgehand could not finish this issue (run `{run_id}`).", "", f"Reason: **{outcome}** — {message}"]
+    parts = [
+        f"forgehand could not finish this issue (run `{run_id}`).",
+        "",
+        f"Reason: **{outcome}** — {message}",
+    ]
     if output.strip():
         parts += ["", "Relevant output:", f"```\n{output.strip()[-MAX_OUTPUT_CHARS:]}\n```"]
     if branch:

@@ -85,9 +85,10 @@ def judge(
     test_files = {c.path for c in changes if c.status != "D" and is_test_path(c.path)}
     new = _new_tests(before, after, on_base, test_files)
     regressions = sorted(
-        t for t, o in before.results.items() if o == "passed" and after.results.get(t) in
-        ("failed", "error")
-    )  # fmt: skip
+        t
+        for t, o in before.results.items()
+        if o == "passed" and after.results.get(t) in ("failed", "error")
+    )
     flags = _flags(before, after, changes, test_diff, new, test_files)
     problems = _problems(after, regressions, new)
     verdict: Verdict = "failed" if problems else "verified"
@@ -145,8 +146,9 @@ def _flags(
     new: list[NewTest],
     test_files: set[str],
 ) -> list[str]:
-    flags = [f"test file deleted: {c.path}" for c in changes
-             if c.status == "D" and is_test_path(c.path)]  # fmt: skip
+    flags = [
+        f"test file deleted: {c.path}" for c in changes if c.status == "D" and is_test_path(c.path)
+    ]
     gone = sorted(set(before.results) - set(after.results))
     flags += [f"test no longer runs: {t}" for t in gone[:20]]
     flags += [
@@ -163,14 +165,22 @@ def _flags(
 
 
 def _diff_flags(diff: str) -> list[str]:
-    added = [line[1:] for line in diff.splitlines() if line.startswith("+") and not
-             line.startswith("+++")]  # fmt: skip
-    removed = [line[1:] for line in diff.splitlines() if line.startswith("-") and not
-               line.startswith("---")]  # fmt: skip
+    added = [
+        line[1:]
+        for line in diff.splitlines()
+        if line.startswith("+") and not line.startswith("+++")
+    ]
+    removed = [
+        line[1:]
+        for line in diff.splitlines()
+        if line.startswith("-") and not line.startswith("---")
+    ]
     flags = []
     if any(_SKIP.search(line) for line in added):
         flags.append("a test was marked skipped or expected to fail")
-    lost = sum(bool(_ASSERT.search(x)) for x in removed) - sum(bool(_ASSERT.search(x)) for x in added)
+    lost = sum(bool(_ASSERT.search(x)) for x in removed) - sum(
+        bool(_ASSERT.search(x)) for x in added
+    )
     if lost > 0:
         flags.append(f"test files lost {lost} assertion line(s): check that no test was weakened")
     return flags

@@ -1,0 +1,126 @@
+"""Fixtures for the workflow: a local forge with the demo's example, scripted models, keepers
+that never outlive a test, and helpers to run a workflow in-process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from forgehand.agent.replay import ReplayServer, Script
+from forgehand.demo import create_example, demo_provider, session_script
+from forgehand.forge.base import Forge, IssueRef
+from forgehand.forge.local import LocalForge
+from forgehand.workflow.app import Home
+from forgehand.workflow.engine import AgentOptions, PhaseHook, Workflow, WorkflowOptions
+from forgehand.workflow.mirror import MirrorCache
+from forgehand.workflow.store import OwnerAlive, SqliteRunStore, owner_alive
+
+REPLAY_KEY = "replay-demo-no-real-key"
+
+
+def kill_keepers_under(base: Path) -> None:
+    """SIGKILL runner keepers whose state dir lies under `base` (found by their cmdline)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "forgehand.runner.keeper" in cmdline and str(base) in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), 9)
+
+
+@pytest.fixture
+def short_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """A short temp dir that also becomes tempfile's default (runner sockets need short paths)."""
+    path = Path(tempfile.mkdtemp(prefix="fhw-", dir="/tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(path))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    yield path
+    kill_keepers_under(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def git(cwd: Path, *args: str) -> str:
+    result = subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True)
+    return result.stdout.strip()
+
+
+def turn(name: str, **arguments: Any) -> dict[str, Any]:
+    """A scripted model turn calling one tool."""
+    call = {"name": name, "arguments": arguments}
+    return {"reply": {"tool_calls": [call], "usage": {"input_tokens": 100, "output_tokens": 20}}}
+
+
+FIX = turn(
+    "edit_file",
+    path="pagekit/pagination.py",
+    old_text="    start = page * per_page\n",
+    new_text="    start = (page - 1) * per_page\n",
+)
+FINISH = turn("finish", summary="done")
+
+
+@dataclass
+class Scenario:
+    """The demo's example in a local forge under `root`, and how to run workflows on it."""
+
+    root: Path
+    home: Home
+    ref: IssueRef
+    forge: LocalForge
+
+    @property
+    def bare(self) -> Path:
+        return Path(self.ref.project.path)
+
+    def store(self, alive: OwnerAlive = owner_alive) -> SqliteRunStore:
+        return SqliteRunStore(self.home.runs_db, alive=alive)
+
+    @contextlib.asynccontextmanager
+    async def workflow(
+        self,
+        script: Script | None = None,
+        *,
+        forge: Forge | None = None,
+        store: SqliteRunStore | None = None,
+        after_phase: PhaseHook | None = None,
+        sandbox: str = "none",
+    ) -> AsyncIterator[tuple[Workflow, ReplayServer]]:
+        async with ReplayServer(script or session_script()) as server:
+            agent = AgentOptions(provider=lambda: demo_provider(server), secrets=(REPLAY_KEY,))
+            workflow = Workflow(
+                store or self.store(),
+                MirrorCache(self.home.mirrors),
+                forge or self.forge,
+                agent,
+                WorkflowOptions(sandbox=sandbox, home=self.home.root),
+                after_phase=after_phase,
+            )
+            yield workflow, server
+        assert server.mismatches == [], server.mismatches[0].message()
+
+
+def scripted(*turns: dict[str, Any]) -> Script:
+    return Script.model_validate({"turns": list(turns)})
+
+
+@pytest.fixture
+async def scenario(short_tmp: Path) -> Scenario:
+    root = short_tmp / "forge"
+    root.mkdir()
+    home = Home(root / "home")
+    ref = await create_example(root, home)
+    return Scenario(root, home, ref, LocalForge(home.local_forge(), ref.project))
