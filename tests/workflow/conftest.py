@@ -45,6 +45,7 @@ def kill_keepers_under(base: Path) -> None:
 def short_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
     """A short temp dir that also becomes tempfile's default (runner sockets need short paths)."""
     path = Path(tempfile.mkdtemp(prefix="fhw-", dir="/tmp"))
+    path.chmod(0o711)  # a sandbox's own uid must reach the work dirs below
     monkeypatch.setattr(tempfile, "tempdir", str(path))
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

@@ -1,22 +1,18 @@
 """``forgehand bench …``: benchmarks that print JSON (the README's numbers come from here).
 
 - ``bench sandbox`` (``forgehand.bench.sandbox``): sandbox start, memory and density.
-- ``bench runner``: registered by ``register_runner_bench``; its code lives in
-  ``forgehand.bench.runner`` (owned by the runner's maintainers), imported only when the
-  command runs. That module defines ``add_arguments(parser)`` and ``main(args) -> int``;
-  its options are parsed from what follows ``bench runner``.
+- ``bench runner`` (``forgehand.bench.runner``): exec latency, streaming and reconnects
+  against host baselines; that module defines ``add_arguments(parser)`` and ``main(args)``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
 import sys
 from typing import Any
 
-RUNNER_BENCH_MODULE = "forgehand.bench.runner"
 NOT_AVAILABLE = 2
 
 
@@ -39,27 +35,11 @@ def register_sandbox_bench(sub: Any) -> None:
 
 def register_runner_bench(sub: Any) -> None:
     """``bench runner``: the runner's own benchmark, in ``forgehand.bench.runner``."""
-    runner = sub.add_parser("runner", help="runner round trips (forgehand.bench.runner)")
-    runner.add_argument("args", nargs=argparse.REMAINDER, help="passed to the runner benchmark")
-    runner.set_defaults(handler=_runner)
+    from forgehand.bench import runner as runner_bench
 
-
-def _runner(args: argparse.Namespace) -> int:
-    try:
-        module = importlib.import_module(RUNNER_BENCH_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != RUNNER_BENCH_MODULE:
-            raise
-        print(
-            f"forgehand: `bench runner` is not available yet: {RUNNER_BENCH_MODULE} does not "
-            "exist in this installation; update forgehand or run `forgehand bench sandbox`",
-            file=sys.stderr,
-        )
-        return NOT_AVAILABLE
-    parser = argparse.ArgumentParser(prog="forgehand bench runner")
-    module.add_arguments(parser)
-    code: int = module.main(parser.parse_args(args.args))
-    return code
+    runner = sub.add_parser("runner", help="runner exec latency, streaming, reconnects")
+    runner_bench.add_arguments(runner)
+    runner.set_defaults(handler=runner_bench.main)
 
 
 def _sandbox(args: argparse.Namespace) -> int:
