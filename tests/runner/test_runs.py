@@ -364,3 +364,15 @@ async def test_stream_kinds_are_labelled(client: RunnerClient) -> None:
         (Stream.STDOUT, b"o\n"),
         (Stream.STDERR, b"e\n"),
     }
+
+
+async def test_oversized_request_is_invalid_argument(server: object, short_tmp: Path) -> None:
+    from forgehand.runner.client import GrpcTransport, UnixConnector
+
+    transport = GrpcTransport(UnixConnector(short_tmp / "runner.sock"))
+    request = RunSpec(argv=("echo", "x" * (17 * 1024 * 1024))).to_proto("big")
+    try:
+        with pytest.raises(errors.InvalidArgument, match="over the runner's limit"):
+            await transport.start(request, 30)
+    finally:
+        await transport.close()

@@ -170,9 +170,19 @@ class RunnerServicer:
         return await self.files.list_dir(request.path, request.max_entries)
 
 
-def _decode(message_type: Any, raw: bytes) -> Any:
-    """Parse a request here rather than in grpcio, so malformed bytes are INVALID_ARGUMENT
-    with a plain message instead of UNKNOWN with a Python class path."""
+# Requests over the configured limit are refused by us (INVALID_ARGUMENT); grpcio's own
+# cap, HARD_CAP_FACTOR times larger, only protects memory.
+HARD_CAP_FACTOR = 4
+
+
+def _decode(message_type: Any, raw: bytes, limit: int) -> Any:
+    """Parse a request here rather than in grpcio, so malformed or oversized bytes are
+    INVALID_ARGUMENT with a plain message instead of UNKNOWN with a Python class path."""
+    if len(raw) > limit:
+        raise errors.InvalidArgument(
+            f"{message_type.DESCRIPTOR.name} of {len(raw)} bytes is over the runner's limit "
+            f"of {limit}: send smaller pieces (WriteFile and WriteStdin stream)"
+        )
     try:
         return message_type.FromString(raw)
     except DecodeError:
@@ -181,10 +191,10 @@ def _decode(message_type: Any, raw: bytes) -> Any:
         ) from None
 
 
-def _unary(method: Any, message_type: Any) -> grpc.RpcMethodHandler[Any, Any]:
+def _unary(method: Any, message_type: Any, limit: int) -> grpc.RpcMethodHandler[Any, Any]:
     async def handler(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
-            request = _decode(message_type, raw)
+            request = _decode(message_type, raw, limit)
         except errors.RunnerError as exc:
             await context.abort(exc.code, str(exc))
         return await method(request, context)
@@ -193,11 +203,11 @@ def _unary(method: Any, message_type: Any) -> grpc.RpcMethodHandler[Any, Any]:
 
 
 def _server_stream(
-    method: Any, message_type: Any, raw_out: bool = False
+    method: Any, message_type: Any, limit: int, raw_out: bool = False
 ) -> grpc.RpcMethodHandler[Any, Any]:
     async def handler(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
-            request = _decode(message_type, raw)
+            request = _decode(message_type, raw, limit)
         except errors.RunnerError as exc:
             await context.abort(exc.code, str(exc))
         async for item in method(request, context):
@@ -208,13 +218,13 @@ def _server_stream(
     )
 
 
-def _client_stream(method: Any, message_type: Any) -> grpc.RpcMethodHandler[Any, Any]:
+def _client_stream(method: Any, message_type: Any, limit: int) -> grpc.RpcMethodHandler[Any, Any]:
     async def handler(
         raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
     ) -> Any:
         async def decoded() -> AsyncIterator[Any]:
             async for raw in raws:
-                yield _decode(message_type, raw)
+                yield _decode(message_type, raw, limit)
 
         return await method(decoded(), context)
 
@@ -226,24 +236,24 @@ def _serialize(message: Any) -> bytes:
     return data
 
 
-def _handlers(servicer: RunnerServicer) -> grpc.GenericRpcHandler[Any, Any]:
-    s = servicer
+def _handlers(servicer: RunnerServicer, limit: int) -> grpc.GenericRpcHandler[Any, Any]:
+    s, n = servicer, limit
     return grpc.method_handlers_generic_handler(
         SERVICE,
         {
-            "Capabilities": _unary(s.Capabilities, pb.CapabilitiesRequest),
-            "Start": _unary(s.Start, pb.StartRequest),
-            "Attach": _server_stream(s.Attach, pb.AttachRequest, raw_out=True),
-            "WriteStdin": _unary(s.WriteStdin, pb.WriteStdinRequest),
-            "ResizePty": _unary(s.ResizePty, pb.ResizePtyRequest),
-            "Cancel": _unary(s.Cancel, pb.CancelRequest),
-            "Status": _unary(s.Status, pb.StatusRequest),
-            "List": _unary(s.List, pb.ListRequest),
-            "Close": _unary(s.Close, pb.CloseRequest),
-            "ReadFile": _server_stream(s.ReadFile, pb.ReadFileRequest),
-            "WriteFile": _client_stream(s.WriteFile, pb.WriteFileRequest),
-            "Stat": _unary(s.Stat, pb.StatRequest),
-            "ListDir": _unary(s.ListDir, pb.ListDirRequest),
+            "Capabilities": _unary(s.Capabilities, pb.CapabilitiesRequest, n),
+            "Start": _unary(s.Start, pb.StartRequest, n),
+            "Attach": _server_stream(s.Attach, pb.AttachRequest, n, raw_out=True),
+            "WriteStdin": _unary(s.WriteStdin, pb.WriteStdinRequest, n),
+            "ResizePty": _unary(s.ResizePty, pb.ResizePtyRequest, n),
+            "Cancel": _unary(s.Cancel, pb.CancelRequest, n),
+            "Status": _unary(s.Status, pb.StatusRequest, n),
+            "List": _unary(s.List, pb.ListRequest, n),
+            "Close": _unary(s.Close, pb.CloseRequest, n),
+            "ReadFile": _server_stream(s.ReadFile, pb.ReadFileRequest, n),
+            "WriteFile": _client_stream(s.WriteFile, pb.WriteFileRequest, n),
+            "Stat": _unary(s.Stat, pb.StatRequest, n),
+            "ListDir": _unary(s.ListDir, pb.ListDirRequest, n),
         },
     )
 
@@ -251,7 +261,7 @@ def _handlers(servicer: RunnerServicer) -> grpc.GenericRpcHandler[Any, Any]:
 def channel_options(config_max_bytes: int) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_send_message_length", config_max_bytes),
-        ("grpc.max_receive_message_length", config_max_bytes),
+        ("grpc.max_receive_message_length", config_max_bytes * HARD_CAP_FACTOR),
         # Start streams with a large flow-control window: output batches are up to a few
         # MiB, and the default 64 KiB window costs round trips before the first one lands.
         ("grpc.http2.lookahead_bytes", 16 * 1024 * 1024),
@@ -311,7 +321,8 @@ class RunnerServer:
             options=channel_options(self.config.max_message_bytes), interceptors=interceptors
         )
         files = FileService(self.config.file_roots())
-        server.add_generic_rpc_handlers((_handlers(RunnerServicer(self.core, files)),))
+        servicer = RunnerServicer(self.core, files)
+        server.add_generic_rpc_handlers((_handlers(servicer, self.config.max_message_bytes),))
         if self.unix_socket is not None:
             self._bind_unix(server, self.unix_socket)
         if self.tcp:
