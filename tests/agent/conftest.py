@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -22,6 +20,7 @@ from forgehand.agent.replay import ReplayServer, Script
 from forgehand.runner.client import LocalTransport, RunnerClient
 from forgehand.runner.config import RunnerConfig
 from forgehand.runner.core import RunnerCore
+from forgehand.runner.keeper import stop_keeper
 
 API_KEY = "sk-test-Zx9SECRETkey0123456789abcdef"
 FAST_RETRY = {"max_retries": 3, "initial_backoff_s": 0.001, "max_backoff_s": 0.01}
@@ -73,17 +72,9 @@ def serve(kind: str) -> ProviderFactory:
 
 
 def kill_keepers_under(base: Path) -> None:
-    """SIGKILL runner keepers whose state dir lies under `base` (found by their cmdline)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if "forgehand.runner.keeper" in cmdline and str(base) in cmdline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(entry.name), signal.SIGKILL)
+    """Stop runner keepers whose state dir lies under `base`."""
+    for lock in base.rglob("keeper.lock"):
+        stop_keeper(lock.parent)
 
 
 @pytest.fixture

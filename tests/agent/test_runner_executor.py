@@ -149,11 +149,13 @@ async def test_run_timeout(tools: RunnerToolExecutor) -> None:
     assert "timed out" in outcome.text
 
 
-async def test_repository_steps_wait_for_the_step_engine(runner: tuple[RunnerClient, Path]) -> None:
+async def test_a_step_tool_without_a_step_is_a_clear_error(
+    runner: tuple[RunnerClient, Path],
+) -> None:
     client, work = runner
     step_tool = {"name": "lint", "description": "Lint.", "input_schema": {"type": "object"}}
     executor = RunnerToolExecutor(client, str(work), [*BUILTIN_TOOLS, step_tool])
     assert executor.tools()[-1].name == "lint"
     outcome = await executor.call("lint", {}, yield_after=YIELD)
     assert outcome.is_error
-    assert "cannot run steps yet" in outcome.text
+    assert "no step runs it" in outcome.text

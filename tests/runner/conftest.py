@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -20,6 +19,7 @@ import pytest
 from forgehand.runner.client import LocalTransport, RunnerClient
 from forgehand.runner.config import RunnerConfig
 from forgehand.runner.core import RunnerCore
+from forgehand.runner.keeper import stop_keeper
 from forgehand.runner.server import RunnerServer
 
 TRANSPORTS = ("unix", "proxy", "local")
@@ -38,22 +38,7 @@ def short_tmp() -> Iterator[Path]:
 def _kill_keepers(base: Path) -> None:
     """Stop keepers whose state dir is under base (they would idle out after a minute)."""
     for lock in base.rglob("keeper.lock"):
-        pid = _lock_holder(lock)
-        if pid:
-            os.kill(pid, signal.SIGKILL)
-
-
-def _lock_holder(lock: Path) -> int:
-    inode = lock.stat().st_ino
-    try:
-        text = Path("/proc/locks").read_text()
-    except OSError:
-        return 0
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) > 5 and parts[5].endswith(f":{inode}"):
-            return int(parts[4])
-    return 0
+        stop_keeper(lock.parent)
 
 
 def make_config(base: Path, **overrides: object) -> RunnerConfig:

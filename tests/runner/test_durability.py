@@ -12,11 +12,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import _lock_holder, make_config
+from conftest import make_config
 
 from forgehand.runner import errors
 from forgehand.runner.client import LocalTransport, RunnerClient
 from forgehand.runner.core import RunnerCore
+from forgehand.runner.keeper import keeper_pid
 from forgehand.runner.model import Exited, ExitReason, Output, RunSpec, Started
 
 COUNTER = (
@@ -80,8 +81,8 @@ async def daemon(short_tmp: Path) -> AsyncIterator[Daemon]:
     running.stop()
 
 
-def keeper_pid(base: Path) -> int:
-    return _lock_holder(base / "state" / "keeper.lock")
+def keeper_of(base: Path) -> int:
+    return keeper_pid(base / "state")
 
 
 async def test_kill_9_daemon_mid_run_loses_nothing(daemon: Daemon) -> None:
@@ -135,7 +136,7 @@ async def test_dead_keeper_marks_runs_lost_and_a_new_one_takes_over(daemon: Daem
         async for event in client.attach(run_id, wait_seconds=5):
             if isinstance(event, Started):
                 break
-        os.kill(keeper_pid(daemon.base), signal.SIGKILL)
+        os.kill(keeper_of(daemon.base), signal.SIGKILL)
         result = await client.collect(run_id)
         assert result.exit.reason is ExitReason.LOST
         assert "keeper" in result.exit.message

@@ -34,6 +34,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from forgehand._proto.runner.v1 import runner_pb2 as pb
+from forgehand.runner.keeper import keeper_pid
 
 SERVICE = "/forgehand.runner.v1.Runner/"
 PROTOCOL = "forgehand.runner.v1"
@@ -121,17 +122,8 @@ def call(daemon: Daemon, method: str, payload: bytes | list[bytes]) -> Answer:
 
 
 def lock_holder(lock: Path) -> int:
-    """The pid holding a flock on lock, from /proc/locks (0 if none)."""
-    try:
-        inode = lock.stat().st_ino
-        text = Path("/proc/locks").read_text()
-    except OSError:
-        return 0
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) > 5 and parts[5].endswith(f":{inode}"):
-            return int(parts[4])
-    return 0
+    """The pid holding the keeper's flock (0 if none)."""
+    return keeper_pid(lock.parent)
 
 
 def children(pid: int) -> list[int]:

@@ -154,6 +154,12 @@ class RunnerToolExecutor:
         """Run a tool that is a step (`builtin://NAME` or a repository step) through the
         runner's step engine, with `arguments` as its inputs; follow it like `_run`."""
         ref = self.step_refs.get(name)
+        if ref is None and any(tool.name == name for tool in self._tools):
+            return ToolOutcome(
+                f"the tool {name!r} is offered but no step runs it (a forgehand setup "
+                "error, not yours): use the other tools",
+                is_error=True,
+            )
         if ref is None:
             known = ", ".join(sorted(set(BUILTIN_NAMES) | set(self.step_refs)))
             return ToolOutcome(f"there is no tool {name!r}; the tools are: {known}", is_error=True)

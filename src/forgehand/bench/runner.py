@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from forgehand.runner.client import RunnerClient
+from forgehand.runner.keeper import stop_keeper
 from forgehand.runner.model import Exited, Output, RunSpec
 from forgehand.runner.tuning import tune_malloc
 
@@ -112,15 +113,7 @@ async def daemon(base: Path, journal_mib: int) -> AsyncIterator[Path]:
     finally:
         process.terminate()
         await process.wait()
-        _stop_keeper(base / "state")
-
-
-def _stop_keeper(state: Path) -> None:
-    for line in Path("/proc/locks").read_text().splitlines():
-        parts = line.split()
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            if parts[5].endswith(f":{(state / 'keeper.lock').stat().st_ino}"):
-                os.kill(int(parts[4]), 9)
+        stop_keeper(base / "state")
 
 
 @contextlib.asynccontextmanager

@@ -26,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from forgehand.runner.model import RunSpec
 from forgehand.sandbox.backend import Sandbox, SandboxBackend, choose_backend, load_backends
+from forgehand.sandbox.errors import SandboxError
 from forgehand.sandbox.pool import SandboxPool
 from forgehand.sandbox.spec import SandboxSpec
 
@@ -51,6 +52,8 @@ class BenchOptions:
     density_max: int = 100
     density_seconds: float = DENSITY_SECONDS
     pool_size: int = 2
+    backends: tuple[str, ...] = ()
+    """Only these backends (empty: every available one); density uses the first."""
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -174,9 +177,11 @@ async def bench_backend(
     }
 
 
-def available_backends() -> list[SandboxBackend]:
-    """An instance of every registered backend that works on this machine."""
-    backends = [factory() for factory in load_backends().values()]
+def available_backends(names: tuple[str, ...] = ()) -> list[SandboxBackend]:
+    """An instance of every registered backend (or of ``names``) that works here."""
+    factories = load_backends()
+    chosen = [factories[n] for n in names if n in factories] if names else factories.values()
+    backends = [factory() for factory in chosen]
     return [backend for backend in backends if backend.availability().available]
 
 
@@ -184,9 +189,12 @@ async def run_bench(options: BenchOptions, work_root: Path = WORK_ROOT) -> dict[
     """Every measurement, as the one JSON object ``forgehand bench sandbox`` prints."""
     await asyncio.to_thread(work_root.mkdir, 0o711, True, True)
     host = await host_spawn_ms(options.runs)
-    backends = await asyncio.to_thread(available_backends)
+    backends = await asyncio.to_thread(available_backends, options.backends)
+    if not backends:
+        raise SandboxError("no sandbox backend to measure: see `forgehand doctor`")
     results = {b.name: await bench_backend(b, work_root, options) for b in backends}
-    default = await asyncio.to_thread(choose_backend, bench_spec(work_root))
+    name = options.backends[0] if options.backends else None
+    default = await asyncio.to_thread(choose_backend, bench_spec(work_root), name)
     return {
         "host_spawn_ms": percentiles(host),
         "backends": results,

@@ -788,6 +788,30 @@ def keeper_socket(state_dir: Path) -> Path:
     return state_dir / "keeper.sock"
 
 
+def keeper_pid(state_dir: Path) -> int:
+    """The pid of the keeper of a state dir (it holds the flock on keeper.lock), or 0."""
+    try:
+        inode = (state_dir / "keeper.lock").stat().st_ino
+        locks = Path("/proc/locks").read_text()
+    except OSError:
+        return 0
+    for line in locks.splitlines():
+        parts = line.split()
+        if len(parts) > 5 and parts[5].endswith(f":{inode}") and parts[4].isdigit():
+            return int(parts[4])
+    return 0
+
+
+def stop_keeper(state_dir: Path) -> bool:
+    """Kill the keeper of a state dir now (it also exits by itself after being idle for
+    IDLE_EXIT_SECONDS). Every run it still has ends as lost. Returns whether one ran."""
+    pid = keeper_pid(state_dir)
+    if pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return bool(pid)
+
+
 def main() -> None:
     """Entry point: ``python -m forgehand.runner.keeper SETTINGS_JSON``.
 

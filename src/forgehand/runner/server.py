@@ -18,7 +18,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -56,6 +56,17 @@ def encode_attach(batch: AttachBatch) -> bytes:
     return b"".join(parts)
 
 
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any], exc: Exception, method: str
+) -> NoReturn:
+    """End the call with the error's status; anything not ours is INTERNAL, logged here."""
+    if isinstance(exc, errors.RunnerError):
+        await context.abort(exc.code, str(exc))
+    log.error("internal error in %s", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal runner error; see its log")
+    raise AssertionError("unreachable")  # abort raises
+
+
 def _status_errors(
     method: Callable[..., Awaitable[T]],
 ) -> Callable[..., Awaitable[T]]:
@@ -65,14 +76,10 @@ def _status_errors(
     ) -> T:
         try:
             return await method(self, request, context)
-        except errors.RunnerError as exc:
-            await context.abort(exc.code, str(exc))
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
-        except Exception:
-            log.exception("internal error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal runner error; see its log")
-        raise AssertionError("unreachable")
+        except Exception as exc:
+            await _abort(context, exc, method.__name__)
 
     return wrapper
 
@@ -87,13 +94,10 @@ def _stream_errors(
         try:
             async for item in method(self, request, context):
                 yield item
-        except errors.RunnerError as exc:
-            await context.abort(exc.code, str(exc))
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
-        except Exception:
-            log.exception("internal error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal runner error; see its log")
+        except Exception as exc:
+            await _abort(context, exc, method.__name__)
 
     return wrapper
 
