@@ -117,15 +117,23 @@ async def test_env_holds_only_what_was_named(base: Path, monkeypatch: pytest.Mon
     }
 
 
-async def test_memory_limit_ends_the_sandbox_with_reason_oom(base: Path) -> None:
+async def test_memory_limit_is_reported_as_oom(base: Path) -> None:
+    """The kernel's OOM killer either ends the whole sandbox (usually: it picks the Sentry)
+    or one gVisor stub process, which fails the run; both are reported as oom."""
     spec = make_spec(base, limits={"memory_bytes": "256M"})
-    hog = "import time\nx = []\nfor _ in range(64):\n    x.append(bytearray(16 << 20))\n"
+    hog = "x = []\nfor _ in range(64):\n    x.append(bytearray(16 << 20))\n"
     async with GVisorBackend().create(spec) as sandbox:
-        with pytest.raises(runner_errors.RunnerError):
-            await sandbox.client.run(RunSpec(argv=("python3", "-c", hog), cwd="/work"))
-        end = await asyncio.wait_for(sandbox.wait_ended(), 60)
-        assert sandbox.state is SandboxState.ENDED
-    assert end.reason is ExitReason.OOM
+        try:
+            result = await sandbox.client.run(RunSpec(argv=("python3", "-c", hog), cwd="/work"))
+        except runner_errors.RunnerError:
+            result = None
+        oom = await sandbox.oom_killed()
+        if result is None:
+            end = await asyncio.wait_for(sandbox.wait_ended(), 60)
+            assert end.reason is ExitReason.OOM
+            assert sandbox.state is SandboxState.ENDED
+    assert oom
+    assert result is None or not result.exit.ok
 
 
 async def test_pids_limit_contains_a_bounded_fork(base: Path) -> None:

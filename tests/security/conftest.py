@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 import textwrap
@@ -34,6 +35,22 @@ CANARY = f"canary-{secrets.token_hex(8)}"
 os.environ[CANARY_NAME] = CANARY  # set in the test process before any sandbox starts
 CREATE_SECONDS = 120.0
 RUN_SECONDS = 120.0
+DESTROY_SECONDS = 60.0
+TEST_SECONDS = 240  # hard cap per test, fixtures included: a hanging backend fails, not stalls
+
+
+@pytest.fixture(autouse=True)
+def _bounded() -> Iterator[None]:
+    def expire(_signum: int, _frame: object) -> None:
+        raise TimeoutError(f"hostile test exceeded {TEST_SECONDS}s: the backend under test hangs")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(TEST_SECONDS)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -114,10 +131,13 @@ def open_box(
         name: str = "work", resolver: Resolver | None = None, **extra: Any
     ) -> AsyncIterator[Box]:
         spec = hostile_spec(base, name, **extra)
-        async with AsyncExitStack() as stack:
+        stack = AsyncExitStack()
+        try:
             async with asyncio.timeout(CREATE_SECONDS):
                 sandbox = await stack.enter_async_context(make_backend(resolver).create(spec))
             yield Box(sandbox, spec)
+        finally:
+            await asyncio.wait_for(stack.aclose(), DESTROY_SECONDS)
 
     return open_
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from forgehand.agent.budget import Budgets
 from forgehand.agent.replay import ReplayServer, Script
 from forgehand.demo import create_example, demo_provider, session_script
 from forgehand.forge.base import Forge, IssueRef
@@ -99,9 +100,14 @@ class Scenario:
         store: SqliteRunStore | None = None,
         after_phase: PhaseHook | None = None,
         sandbox: str = "none",
+        budgets: Budgets | None = None,
     ) -> AsyncIterator[tuple[Workflow, ReplayServer]]:
         async with ReplayServer(script or session_script()) as server:
-            agent = AgentOptions(provider=lambda: demo_provider(server), secrets=(REPLAY_KEY,))
+            agent = AgentOptions(
+                provider=lambda: demo_provider(server),
+                budgets=budgets or Budgets(),
+                secrets=(REPLAY_KEY,),
+            )
             workflow = Workflow(
                 store or self.store(),
                 MirrorCache(self.home.mirrors),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
+from forgehand.agent.budget import Budgets
 from forgehand.forge.base import AccessLevel, ForgeKind, IssueState, ProjectRef
 from forgehand.forge.local import LocalForge, create_issue, init_repo
 from forgehand.workflow.app import Home
@@ -32,9 +34,7 @@ async def test_closed_issue_is_refused(scenario: Scenario) -> None:
     assert record.outcome is Outcome.REFUSED
     assert "the issue is closed" in record.message
     assert branches(scenario.bare) == ["main"]
-    assert "will not work" in (await bot_comments(scenario))[-1] or "closed" in (
-        await bot_comments(scenario)
-    )[-1]
+    assert "the issue is closed" in (await bot_comments(scenario))[-1]
 
 
 async def test_locked_issue_is_refused_without_a_comment(scenario: Scenario) -> None:
@@ -86,13 +86,20 @@ async def test_duplicate_trigger_is_collapsed_into_the_live_run(scenario: Scenar
 @pytest.mark.parametrize(
     ("change", "rule"),
     [
-        (turn("write_file", path=".gitlab-ci.yml", content="deploy:\n  script: [curl evil]\n"),
-         "protected path: .gitlab-ci.yml"),
-        (turn("write_file", path="pagekit/settings.py",
-              content='TOKEN = "ghp_' + "a1B2c3D4e5" * 4 + '"\n'),
-         "secret: GitHub token in pagekit/settings.py"),
+        (
+            turn("write_file", path=".gitlab-ci.yml", content="deploy:\n  script: [curl evil]\n"),
+            "protected path: .gitlab-ci.yml",
+        ),
+        (
+            turn(
+                "write_file",
+                path="pagekit/settings.py",
+                content='TOKEN = "ghp_' + "a1B2c3D4e5" * 4 + '"\n',
+            ),
+            "secret: GitHub token in pagekit/settings.py",
+        ),
     ],
-)  # fmt: skip
+)
 async def test_policy_violation_pushes_nothing_and_reports(
     scenario: Scenario, change: dict[str, object], rule: str
 ) -> None:
@@ -103,7 +110,8 @@ async def test_policy_violation_pushes_nothing_and_reports(
     assert branches(scenario.bare) == ["main"]
     assert await scenario.forge.list_merge_requests() == []
     comment = (await bot_comments(scenario))[-1]
-    assert "policy" in comment and rule in comment
+    assert "policy" in comment
+    assert rule in comment
     assert "ghp_" not in comment
 
 
@@ -119,7 +127,8 @@ async def test_failing_tests_push_the_partial_branch_and_say_why(scenario: Scena
     assert "forgehand/1-paginate-skips-the-first-page" in branches(scenario.bare)
     assert await scenario.forge.list_merge_requests() == []
     comment = (await bot_comments(scenario))[-1]
-    assert "failed_tests" in comment and "partial work is on branch" in comment
+    assert "failed_tests" in comment
+    assert "partial work is on branch" in comment
     assert "assert" in comment  # the relevant test output
 
 
@@ -162,7 +171,9 @@ def crash_after(phase: Phase):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("phase", [Phase.BASELINE, Phase.EXTRACT, Phase.PUBLISH])
-async def test_interrupted_run_resumes_from_its_last_phase(scenario: Scenario, phase: Phase) -> None:
+async def test_interrupted_run_resumes_from_its_last_phase(
+    scenario: Scenario, phase: Phase
+) -> None:
     async with scenario.workflow(after_phase=crash_after(phase)) as (workflow, server):
         with pytest.raises(Crash):
             await workflow.solve(scenario.ref)
@@ -183,3 +194,27 @@ async def test_interrupted_run_resumes_from_its_last_phase(scenario: Scenario, p
     assert served == (0 if phase is Phase.BASELINE else 7)
     assert len(await scenario.forge.list_merge_requests()) == 1
     assert len(await scenario.store().list_runs()) == 1
+
+
+async def test_simultaneous_triggers_start_one_run(scenario: Scenario) -> None:
+    async with scenario.workflow() as (workflow, server):
+        first, second = await asyncio.gather(
+            workflow.solve(scenario.ref), workflow.solve(scenario.ref)
+        )
+    assert first.run_id == second.run_id
+    assert len(await scenario.store().list_runs()) == 1
+    assert len(await scenario.forge.list_merge_requests()) == 1
+    assert server.remaining == 0
+
+
+async def test_spent_budget_keeps_the_partial_work_on_the_branch(scenario: Scenario) -> None:
+    script = scripted(FIX, FINISH)
+    async with scenario.workflow(script, budgets=Budgets(max_steps=1)) as (workflow, _):
+        record = await workflow.solve(scenario.ref)
+    assert record.outcome is Outcome.BUDGET
+    assert "--max-steps" in record.message
+    branch = "forgehand/1-paginate-skips-the-first-page"
+    assert branch in branches(scenario.bare)
+    assert "(page - 1)" in git(scenario.bare, "show", f"{branch}:pagekit/pagination.py")
+    assert await scenario.forge.list_merge_requests() == []
+    assert "budget" in (await bot_comments(scenario))[-1]

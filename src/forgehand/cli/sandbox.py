@@ -132,23 +132,43 @@ def _available_backends() -> list[SandboxBackend]:
 
 
 async def _ls(_args: argparse.Namespace) -> int:
+    failed = 0
     for backend in await asyncio.to_thread(_available_backends):
-        for record in await backend.list_sandboxes():
+        try:
+            records = await backend.list_sandboxes()
+        except Exception as exc:  # one broken backend must not hide the others
+            failed += _report_failure(backend, "ls", exc)
+            continue
+        for record in records:
             print(
                 f"{record.backend}\t{record.sandbox_id}\t{record.state}\t"
                 f"owner={record.owner_pid}\t{record.detail}"
             )
-    return 0
+    return 1 if failed else 0
 
 
 async def _gc(_args: argparse.Namespace) -> int:
-    removed = 0
+    removed = failed = 0
     for backend in await asyncio.to_thread(_available_backends):
-        for record in await backend.reap():
+        try:
+            records = await backend.reap()
+        except Exception as exc:  # one broken backend must not stop the others' cleanup
+            failed += _report_failure(backend, "gc", exc)
+            continue
+        for record in records:
             print(f"removed {record.backend} {record.sandbox_id} (owner {record.owner_pid} gone)")
-            removed += 1
+        removed += len(records)
     print(f"{removed} leftover sandbox(es) removed")
-    return 0
+    return 1 if failed else 0
+
+
+def _report_failure(backend: SandboxBackend, action: str, exc: Exception) -> int:
+    print(
+        f"forgehand: sandbox {action} failed for backend {backend.name}: {exc}; "
+        "fix the cause and run it again",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _doctor(_args: argparse.Namespace) -> int:

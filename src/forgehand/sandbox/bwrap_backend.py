@@ -451,8 +451,10 @@ class BwrapRunnerSandbox:
     async def _expire_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
         if self.state is SandboxState.READY and self._box is not None:
-            self.state = SandboxState.EXPIRED
-            await self._box.kill_all()
+            try:
+                await self._box.kill_all()
+            finally:
+                self.state = SandboxState.EXPIRED
 
     async def _teardown_quietly(self) -> None:
         await self._teardown()

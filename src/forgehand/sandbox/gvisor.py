@@ -253,7 +253,7 @@ class GVisorSandbox:
         self._id = f"forgehand-{uuid.uuid4().hex[:12]}"
         self._registry = Registry(config.state_dir)
         self._dir = self._registry.directory(self._id)
-        self._client = RunnerClient.exec(self._exec_argv(rootfs.proxy_argv()))
+        self._client = rootfs.exec_client(self._exec_argv(rootfs.proxy_argv()))
         self._group: CgroupGroup | None = None
         self._proxy: EgressProxy | None = None
         self._achieved: Achieved | None = None
@@ -317,6 +317,13 @@ class GVisorSandbox:
         """Run a command to its end with the sandbox's defaults."""
         self._require(SandboxState.READY, "run in")
         return await self._client.run(self.run_spec(argv, **fields))
+
+    async def oom_killed(self) -> bool:
+        """Whether the kernel's OOM killer struck in this sandbox's cgroup. It usually ends
+        the whole sandbox (``ended.reason`` is ``oom``); when it picks a gVisor stub process
+        instead, only the run that used the memory fails, and this is how to tell."""
+        group = self._group
+        return group is not None and await asyncio.to_thread(group.oom_kills) > 0
 
     async def wait_ended(self) -> SandboxEnd:
         """Wait until the sandbox stops on its own and say why."""

@@ -216,7 +216,7 @@ class PodmanSandbox:
         self._id = f"forgehand-{uuid.uuid4().hex[:12]}"
         self._registry = Registry(config.state_dir)
         self._dir = self._registry.directory(self._id)
-        self._client = RunnerClient.exec(self._exec_argv(rootfs.proxy_argv()))
+        self._client = rootfs.exec_client(self._exec_argv(rootfs.proxy_argv()))
         self._proxy: EgressProxy | None = None
         self._achieved: Achieved | None = None
         self._ended: SandboxEnd | None = None

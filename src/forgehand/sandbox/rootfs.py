@@ -31,7 +31,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, cast
 
 import forgehand
-from forgehand.runner.client import RunnerClient
+from forgehand.runner.client import ExecConnector, RunnerClient
+from forgehand.runner.pump import pump_both
 from forgehand.runner.model import Exited, Output, RunSpec
 from forgehand.sandbox.egress import AllowRule, EgressConfig, EgressProxy
 from forgehand.sandbox.errors import BackendUnavailable, SandboxLaunchError
@@ -113,6 +114,46 @@ def serve_argv(spec: SandboxSpec, memory_events: str = "") -> list[str]:
 def proxy_argv() -> list[str]:
     """The in-sandbox end of an exec channel: stdin/stdout bridged to the runner socket."""
     return runner_argv("proxy", "--socket", str(RUNNER_SOCKET))
+
+
+CHANNEL_CLOSE_SECONDS = 10.0
+MAX_STACKED_MOUNTS = 8
+
+
+class ExecChannel(ExecConnector):
+    """``ExecConnector`` that closes the command's stdin when a connection ends.
+
+    ``runsc exec`` hands our pipes to the process inside the sandbox, so killing ``runsc
+    exec`` leaves them open: the in-sandbox proxy must see stdin EOF to end and release
+    them, or waiting for the command would hang. The wait is bounded either way."""
+
+    async def _bridge(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        process = await asyncio.create_subprocess_exec(
+            *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=self.env
+        )
+        assert process.stdin is not None
+        assert process.stdout is not None
+        try:
+            await pump_both(reader, writer, process.stdout, process.stdin)
+        finally:
+            writer.close()
+            process.stdin.close()
+            await _end(process)
+
+
+async def _end(process: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(CHANNEL_CLOSE_SECONDS):
+            await process.wait()
+            return
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+    log.warning("exec channel %s did not end; killed it", process.pid)
+
+
+def exec_client(argv: list[str]) -> RunnerClient:
+    """A runner client whose every connection runs ``argv`` (``… forgehand-runner proxy``)."""
+    return RunnerClient.connect(ExecChannel(argv))
 
 
 def runner_env(spec: SandboxSpec) -> dict[str, str]:
@@ -230,7 +271,9 @@ async def mount_work_dir(host_path: Path, size: int) -> bool:
 
 async def unmount_work_dir(host_path: Path, made: bool) -> None:
     """Unmount the work dir's tmpfs (its content goes with it); remove the dir if ours."""
-    if await asyncio.to_thread(is_mount_point, host_path):
+    for _ in range(MAX_STACKED_MOUNTS):
+        if not await asyncio.to_thread(is_mount_point, host_path):
+            break
         await run_host(["umount", str(host_path)])
     if made and await asyncio.to_thread(host_path.exists):
         await asyncio.to_thread(host_path.rmdir)

@@ -41,7 +41,7 @@ from forgehand.forge.errors import ForgeError
 from forgehand.runner.errors import RunnerError
 from forgehand.steps.masking import Masker
 from forgehand.workflow import texts
-from forgehand.workflow.evidence import TestReport, run_tests
+from forgehand.workflow.evidence import SuiteReport, run_tests
 from forgehand.workflow.mirror import Mirror, MirrorCache, credential_env, result_ref
 from forgehand.workflow.model import (
     PHASES,
@@ -416,7 +416,12 @@ class Workflow:
             raise RunEnded(Outcome.INTERNAL, "the agent's sandbox is gone before extraction")
         guard, agent = run.out(Phase.GUARD), run.out(Phase.AGENT)
         message = texts.commit_message(run.ref.number, guard["issue"]["title"], agent["summary"])
-        commit = await commit_in_sandbox(session, message, [texts.co_author(guard["requester"])])
+        try:
+            commit = await commit_in_sandbox(
+                session, message, [texts.co_author(guard["requester"])]
+            )
+        except RunEnded as failed:  # the agent's own ending, if any, is the real reason
+            raise self._agent_end(agent, also=failed.message) or failed from None
         if commit is None:
             raise self._agent_end(agent) or RunEnded(
                 Outcome.NO_CHANGES, "the agent finished without changing anything"
@@ -430,11 +435,12 @@ class Workflow:
             raise end
         return {"commit": result, "detail": f"result {result[:12]} in the mirror"}
 
-    def _agent_end(self, agent: Output) -> RunEnded | None:
+    def _agent_end(self, agent: Output, also: str = "") -> RunEnded | None:
         reason = EndReason(agent["reason"])
         if reason is EndReason.FINISHED:
             return None
-        return RunEnded(_AGENT_OUTCOMES[reason], str(agent["message"]))
+        message = str(agent["message"]) + (f" (then: {also})" if also else "")
+        return RunEnded(_AGENT_OUTCOMES[reason], message)
 
     # -- verify and policy ----------------------------------------------------------------
 
@@ -447,7 +453,7 @@ class Workflow:
                 "verification": verification.model_dump(mode="json"),
                 "detail": "nothing verified: " + verification.summary,
             }
-        verification = await self._verification(run, TestReport.model_validate(baseline))
+        verification = await self._verification(run, SuiteReport.model_validate(baseline))
         output = {
             "verification": verification.model_dump(mode="json"),
             "detail": f"{verification.verdict}: {verification.summary}",
@@ -463,7 +469,7 @@ class Workflow:
             )
         return output
 
-    async def _verification(self, run: _Run, before: TestReport) -> Verification:
+    async def _verification(self, run: _Run, before: SuiteReport) -> Verification:
         test = run.resolved.config.test
         assert test is not None
         mirror, result = self._mirror(run), run.out(Phase.EXTRACT)["commit"]
@@ -489,9 +495,9 @@ class Workflow:
         base: str,
         result: str,
         changes: list[FileChange],
-        before: TestReport,
-        after: TestReport,
-    ) -> TestReport | None:
+        before: SuiteReport,
+        after: SuiteReport,
+    ) -> SuiteReport | None:
         """The suite on the old code with only the agent's test files applied."""
         files = [c.path for c in changes if c.status != "D" and is_test_path(c.path)]
         if not files or not (set(after.results) - set(before.results)):

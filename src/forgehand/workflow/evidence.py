@@ -28,7 +28,7 @@ _WORDS: dict[str, TestOutcome] = {
 TAIL_CHARS = 4000
 
 
-class TestReport(BaseModel):
+class SuiteReport(BaseModel):
     """One run of the test command."""
 
     model_config = ConfigDict(frozen=True)
@@ -67,7 +67,7 @@ async def run_tests(
     cwd: str,
     env: dict[str, str],
     timeout_s: float,
-) -> TestReport:
+) -> SuiteReport:
     """Run `command` in `cwd` through the runner and report what it showed."""
     started = time.monotonic()
     spec = RunSpec(
@@ -81,7 +81,7 @@ async def run_tests(
     result = await client.run(spec)
     output = (result.stdout + result.stderr).decode("utf-8", "replace")
     exited = result.exit
-    return TestReport(
+    return SuiteReport(
         command=command,
         exit_code=exited.code if exited.reason is ExitReason.EXITED else -1,
         reason=exited.reason.value,

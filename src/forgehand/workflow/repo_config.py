@@ -40,7 +40,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class TestConfig(_Strict):
+class TestCommand(_Strict):
     """How the harness runs the tests."""
 
     command: str = Field(min_length=1, description="shell command run in the repository root")
@@ -69,7 +69,7 @@ class RepoConfig(_Strict):
 
     version: Literal[1] = 1
     setup: tuple[str, ...] = ()
-    test: TestConfig | None = None
+    test: TestCommand | None = None
     protected_paths: tuple[str, ...] = ()
     budgets: RepoBudgets = RepoBudgets()
     limits: SizeLimits = SizeLimits()
@@ -109,10 +109,10 @@ def detect(files: list[str], package_json: str | None) -> ResolvedConfig:
     """Configuration for a repository without the file, from its file list."""
     names = {f.rsplit("/", 1)[-1] for f in files}
     if _is_python_with_tests(files, names):
-        config = RepoConfig(test=TestConfig(command=PYTEST_COMMAND))
+        config = RepoConfig(test=TestCommand(command=PYTEST_COMMAND))
         return ResolvedConfig(config=config, source="detected", detail="Python project (pytest)")
     if package_json is not None and _has_npm_test(package_json):
-        config = RepoConfig(test=TestConfig(command="npm test"))
+        config = RepoConfig(test=TestCommand(command="npm test"))
         return ResolvedConfig(config=config, source="detected", detail="Node project (npm test)")
     return ResolvedConfig(
         config=RepoConfig(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from forgehand.workflow.evidence import TestReport
+from forgehand.workflow.evidence import SuiteReport
 from forgehand.workflow.verify import Verification
 
 BOT_NAME = "forgehand[bot]"
@@ -36,7 +36,7 @@ def mr_title(issue_number: int, title: str) -> str:
     return f"Fix #{issue_number}: {title.strip()}"[:200]
 
 
-def _report_line(label: str, report: TestReport | None) -> str:
+def _report_line(label: str, report: SuiteReport | None) -> str:
     if report is None:
         return f"| {label} | not run | |"
     state = "pass" if report.ok else "fail"

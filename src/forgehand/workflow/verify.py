@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from forgehand.workflow.evidence import TestReport
+from forgehand.workflow.evidence import SuiteReport
 
 Verdict = Literal["verified", "failed", "nothing_verified"]
 _SKIP = re.compile(
@@ -63,8 +63,8 @@ class Verification(BaseModel):
 
     verdict: Verdict
     summary: str
-    before: TestReport | None = None
-    after: TestReport | None = None
+    before: SuiteReport | None = None
+    after: SuiteReport | None = None
     new_tests: list[NewTest] = Field(default_factory=list)
     regressions: list[str] = Field(default_factory=list)
     flags: list[str] = Field(default_factory=list)
@@ -75,9 +75,9 @@ def nothing_verified(reason: str) -> Verification:
 
 
 def judge(
-    before: TestReport,
-    after: TestReport,
-    on_base: TestReport | None,
+    before: SuiteReport,
+    after: SuiteReport,
+    on_base: SuiteReport | None,
     changes: Sequence[FileChange],
     test_diff: str,
 ) -> Verification:
@@ -105,7 +105,7 @@ def judge(
 
 
 def _new_tests(
-    before: TestReport, after: TestReport, on_base: TestReport | None, files: set[str]
+    before: SuiteReport, after: SuiteReport, on_base: SuiteReport | None, files: set[str]
 ) -> list[NewTest]:
     found = []
     for test in sorted(after.results):
@@ -116,7 +116,7 @@ def _new_tests(
     return found
 
 
-def _problems(after: TestReport, regressions: list[str], new: list[NewTest]) -> list[str]:
+def _problems(after: SuiteReport, regressions: list[str], new: list[NewTest]) -> list[str]:
     problems = []
     if not after.ok:
         failing = after.with_outcome("failed") + after.with_outcome("error")
@@ -130,7 +130,7 @@ def _problems(after: TestReport, regressions: list[str], new: list[NewTest]) -> 
     return problems
 
 
-def _success(after: TestReport, new: list[NewTest]) -> str:
+def _success(after: SuiteReport, new: list[NewTest]) -> str:
     proving = sum(t.proves_fix for t in new)
     base = f"the test suite passes after the change ({after.counts()})"
     if proving:
@@ -139,8 +139,8 @@ def _success(after: TestReport, new: list[NewTest]) -> str:
 
 
 def _flags(
-    before: TestReport,
-    after: TestReport,
+    before: SuiteReport,
+    after: SuiteReport,
     changes: Sequence[FileChange],
     test_diff: str,
     new: list[NewTest],

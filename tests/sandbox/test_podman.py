@@ -1,0 +1,262 @@
+"""Real podman containers (rootful, runc, --rootfs): the runner inside, limits, cleanup, reaping.
+
+Hostile commands are bounded: fixed numbers of children, bounded allocations, short waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from forgehand.runner import errors as runner_errors
+from forgehand.runner.model import ExitReason, RunSpec
+from forgehand.sandbox import cgroups
+from forgehand.sandbox.backend import BACKENDS
+from forgehand.sandbox.errors import IsolationUnavailable
+from forgehand.sandbox.podman import PodmanBackend, PodmanConfig, SandboxState, check_host
+from forgehand.sandbox.rootfs import is_mount_point
+from forgehand.sandbox.spec import SandboxSpec
+
+
+def _unavailable() -> str:
+    try:
+        check_host(PodmanConfig())
+    except Exception as exc:
+        return str(exc)
+    return ""
+
+
+REASON = _unavailable()
+pytestmark = [
+    pytest.mark.needs_root,
+    pytest.mark.slow,
+    pytest.mark.skipif(bool(REASON), reason=f"podman unavailable: {REASON}"),
+]
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="fh-podman-", dir="/tmp"))
+    yield path
+    if is_mount_point(path / "work"):
+        subprocess.run(["umount", str(path / "work")], check=False)
+    shutil.rmtree(path)
+
+
+def make_spec(base: Path, **extra: Any) -> SandboxSpec:
+    limits = {"memory_bytes": "512M", "pids": 64, "wall_time_seconds": 60}
+    limits |= extra.pop("limits", {})
+    work = {"host_path": str(base / "work"), "size_bytes": "8M"}
+    fields = {"work_dir": work, "limits": limits, "isolation": "container", **extra}
+    return SandboxSpec.model_validate(fields)
+
+
+def sh(script: str, **fields: Any) -> RunSpec:
+    return RunSpec(argv=("/bin/sh", "-c", script), cwd="/work", **fields)
+
+
+def test_registered_and_available() -> None:
+    assert BACKENDS["podman"] is PodmanBackend
+    status = PodmanBackend().availability()
+    assert status.available and status.isolation == "container"
+    assert "runc" in status.detail
+
+
+def test_missing_runsc_names_the_package() -> None:
+    status = PodmanBackend(PodmanConfig(podman="podman-not-installed")).availability()
+    assert not status.available
+    assert "apt-get install -y podman runc" in status.detail
+
+
+async def test_output_is_byte_exact_with_exit_codes(base: Path) -> None:
+    script = r"printf 'a\000b\377\n'; printf 'err\n' >&2; exit 3"
+    async with PodmanBackend().create(make_spec(base)) as sandbox:
+        result = await sandbox.client.run(sh(script))
+        ok = await sandbox.client.run(sh("true"))
+        assert sandbox.achieved.isolation == "container"
+        assert sandbox.achieved.limits.memory_bytes == 512 << 20
+    assert result.stdout == b"a\x00b\xff\n"
+    assert result.stderr == b"err\n"
+    assert (result.exit.code, result.exit.reason) == (3, ExitReason.EXITED)
+    assert ok.exit.ok
+
+
+async def test_file_rpcs_are_confined_to_the_work_dir(base: Path) -> None:
+    async with PodmanBackend().create(make_spec(base)) as sandbox:
+        await sandbox.client.write_file("/work/note.txt", b"hello")
+        assert (sandbox.work_dir / "note.txt").read_bytes() == b"hello"
+        assert await sandbox.client.read_file("/work/note.txt") == b"hello"
+        for outside in ("/etc/passwd", "/work/../etc/passwd", "/opt/forgehand/src"):
+            with pytest.raises(runner_errors.RunnerError):
+                await sandbox.client.read_file(outside)
+
+
+async def test_env_holds_only_what_was_named(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FORGEHAND_HOST_SECRET", "leak")
+    spec = make_spec(base, env={"FOO": "bar"})
+    async with PodmanBackend().create(spec) as sandbox:
+        run = await sandbox.client.run(sh("env", env={"ONLY": "this"}))
+        runner = await sandbox.client.run(sh("tr '\\0' '\\n' < /proc/1/environ"))
+    assert sorted(run.stdout.decode().split()) == ["ONLY=this", "PATH=/usr/local/bin:/usr/bin:/bin", "PWD=/work"]
+    names = {line.split("=", 1)[0] for line in runner.stdout.decode().split()}
+    assert "FOO" in names and "FORGEHAND_HOST_SECRET" not in names
+    assert names <= {"FOO", "PATH", "HOME", "USER", "LANG", "TMPDIR", "PIP_CONFIG_FILE"} | {
+        "PYTHONDONTWRITEBYTECODE",
+        "PYTHONPATH",
+        "TERM",
+        "HOSTNAME",
+        "container",
+    }
+
+
+async def test_memory_limit_kills_the_run_with_reason_oom(base: Path) -> None:
+    spec = make_spec(base, limits={"memory_bytes": "256M"})
+    hog = "x = []\nfor _ in range(64):\n    x.append(bytearray(16 << 20))\n"
+    async with PodmanBackend().create(spec) as sandbox:
+        result = await sandbox.client.run(RunSpec(argv=("python3", "-c", hog), cwd="/work"))
+        after = await sandbox.client.run(sh("echo alive"))
+    assert result.exit.reason is ExitReason.OOM
+    assert after.stdout == b"alive\n"
+
+
+async def test_pids_limit_contains_a_bounded_fork(base: Path) -> None:
+    spec = make_spec(base, limits={"pids": 24})
+    forks = "n=0; for i in $(seq 60); do sleep 5 & n=$((n+1)); done 2>/dev/null; echo started"
+    count = "sleep 1; ls /proc | grep -c '^[0-9]'"
+    async with PodmanBackend().create(spec) as sandbox:
+        assert sandbox.achieved.limits.pids == 24
+        run = await sandbox.client.run(sh(f"({forks}) & {count}; wait"))
+    alive = int(run.stdout.split()[0])
+    assert alive <= 24  # 60 sleepers were asked for; the pids cgroup refused the rest
+
+
+async def test_work_dir_is_size_capped(base: Path) -> None:
+    async with PodmanBackend().create(make_spec(base)) as sandbox:
+        result = await sandbox.client.run(sh("dd if=/dev/zero of=/work/big bs=1M count=16"))
+        tmp = await sandbox.client.run(
+            sh("dd if=/dev/zero of=/tmp/big bs=1M count=16"),
+        )
+    assert result.exit.code != 0
+    assert b"No space left on device" in result.stderr
+    assert tmp.exit.ok  # /tmp has limits.disk_bytes (1 GiB by default)
+
+
+async def test_wall_time_times_out_runs_and_ends_the_sandbox(base: Path) -> None:
+    spec = make_spec(base, limits={"wall_time_seconds": 3})
+    async with PodmanBackend().create(spec) as sandbox:
+        result = await sandbox.run(["sleep", "30"])
+        end = await asyncio.wait_for(sandbox.wait_ended(), 30)
+    assert result.exit.reason is ExitReason.TIMEOUT
+    assert end.reason is ExitReason.TIMEOUT
+
+
+async def test_network_none_has_only_loopback(base: Path) -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    probe = textwrap.dedent(
+        f"""
+        import socket
+        print(sorted(name for _, name in socket.if_nameindex()))
+        try:
+            socket.create_connection(("127.0.0.1", {port}), timeout=3)
+            print("connected")
+        except OSError as exc:
+            print("refused", type(exc).__name__)
+        """
+    )
+    try:
+        async with PodmanBackend().create(make_spec(base)) as sandbox:
+            result = await sandbox.client.run(RunSpec(argv=("python3", "-c", probe), cwd="/"))
+    finally:
+        server.close()
+    lines = result.stdout.decode().splitlines()
+    assert lines[0] == "['lo']"
+    assert lines[1].startswith("refused")
+
+
+async def test_open_network_is_refused(base: Path) -> None:
+    network = {"mode": "open", "unsafe_allow_open_network": True}
+    with pytest.raises(IsolationUnavailable):
+        async with PodmanBackend().create(make_spec(base, network=network)):
+            pass
+
+
+async def test_nothing_is_left_afterwards(base: Path) -> None:
+    backend = PodmanBackend()
+    async with backend.create(make_spec(base)) as sandbox:
+        record = sandbox.directory
+        listed = [r.sandbox_id for r in await backend.list_sandboxes()]
+        assert sandbox.sandbox_id in listed
+        assert podman_names() == podman_names() | {sandbox.sandbox_id}
+        cgroup = podman_cgroup(sandbox.sandbox_id)
+        assert cgroup.exists()
+    assert sandbox.sandbox_id not in podman_names()
+    assert not cgroup.exists()
+    assert not record.exists()
+    assert not is_mount_point(base / "work") and not (base / "work").exists()
+    assert sandbox.state is SandboxState.DESTROYED
+
+
+def podman_names() -> set[str]:
+    done = subprocess.run(
+        ["podman", "ps", "-a", "--format", "{{.Names}}"], capture_output=True, text=True
+    )
+    return set(done.stdout.split())
+
+
+def podman_cgroup(name: str) -> Path:
+    pids = cgroups.detect_hierarchies()[cgroups.Controller.PIDS]
+    done = subprocess.run(
+        ["podman", "inspect", "--format", "{{.State.Pid}}", name], capture_output=True, text=True
+    )
+    for line in Path(f"/proc/{done.stdout.strip()}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "pids" in controllers.split(",") or (pids.version == 2 and controllers == ""):
+            return pids.mount / path.lstrip("/")
+    raise AssertionError("no pids cgroup")
+
+
+CRASHING_OWNER = """
+import asyncio, os, sys
+from forgehand.sandbox.podman import PodmanSandbox, PodmanConfig
+from forgehand.sandbox.spec import SandboxSpec
+
+async def main():
+    spec = SandboxSpec.model_validate(
+        {"work_dir": {"host_path": sys.argv[1], "size_bytes": "8M"}, "isolation": "container"}
+    )
+    sandbox = PodmanSandbox(spec, PodmanConfig())
+    await sandbox.start()
+    print(sandbox.sandbox_id, flush=True)
+    os._exit(0)
+
+asyncio.run(main())
+"""
+
+
+async def test_reap_removes_a_crashed_owners_sandbox(base: Path) -> None:
+    owner = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CRASHING_OWNER, str(base / "work"), stdout=subprocess.PIPE
+    )
+    out, _ = await owner.communicate()
+    sandbox_id = out.decode().strip()
+    assert sandbox_id.startswith("forgehand-")
+    backend = PodmanBackend()
+    leftovers = [r for r in await backend.list_sandboxes() if r.sandbox_id == sandbox_id]
+    assert [r.state for r in leftovers] == ["leftover"]
+    reaped = await backend.reap()
+    assert sandbox_id in [r.sandbox_id for r in reaped]
+    assert sandbox_id not in [r.sandbox_id for r in await backend.list_sandboxes()]
+    assert not is_mount_point(base / "work")
+    assert sandbox_id not in podman_names()
