@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import make_config
 
 from forgehand.runner import errors
 from forgehand.runner.client import RunnerClient
@@ -339,7 +340,6 @@ def _alive(pid: int) -> bool:
 
 
 async def test_max_runs_is_resource_exhausted(short_tmp: Path) -> None:
-    from conftest import make_config
 
     from forgehand.runner.client import LocalTransport
     from forgehand.runner.core import RunnerCore

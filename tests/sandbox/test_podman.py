@@ -6,7 +6,6 @@ Hostile commands are bounded: fixed numbers of children, bounded allocations, sh
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import socket
 import subprocess
@@ -69,7 +68,8 @@ def sh(script: str, **fields: Any) -> RunSpec:
 def test_registered_and_available() -> None:
     assert BACKENDS["podman"] is PodmanBackend
     status = PodmanBackend().availability()
-    assert status.available and status.isolation == "container"
+    assert status.available
+    assert status.isolation == "container"
     assert "runc" in status.detail
 
 
@@ -108,9 +108,14 @@ async def test_env_holds_only_what_was_named(base: Path, monkeypatch: pytest.Mon
     async with PodmanBackend().create(spec) as sandbox:
         run = await sandbox.client.run(sh("env", env={"ONLY": "this"}))
         runner = await sandbox.client.run(sh("tr '\\0' '\\n' < /proc/1/environ"))
-    assert sorted(run.stdout.decode().split()) == ["ONLY=this", "PATH=/usr/local/bin:/usr/bin:/bin", "PWD=/work"]
+    assert sorted(run.stdout.decode().split()) == [
+        "ONLY=this",
+        "PATH=/usr/local/bin:/usr/bin:/bin",
+        "PWD=/work",
+    ]
     names = {line.split("=", 1)[0] for line in runner.stdout.decode().split()}
-    assert "FOO" in names and "FORGEHAND_HOST_SECRET" not in names
+    assert "FOO" in names
+    assert "FORGEHAND_HOST_SECRET" not in names
     assert names <= {"FOO", "PATH", "HOME", "USER", "LANG", "TMPDIR", "PIP_CONFIG_FILE"} | {
         "PYTHONDONTWRITEBYTECODE",
         "PYTHONPATH",
@@ -204,7 +209,8 @@ async def test_nothing_is_left_afterwards(base: Path) -> None:
     assert sandbox.sandbox_id not in podman_names()
     assert not cgroup.exists()
     assert not record.exists()
-    assert not is_mount_point(base / "work") and not (base / "work").exists()
+    assert not is_mount_point(base / "work")
+    assert not (base / "work").exists()
     assert sandbox.state is SandboxState.DESTROYED
 
 

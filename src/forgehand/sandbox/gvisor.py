@@ -481,12 +481,16 @@ class GVisorSandbox:
     async def _watch(self) -> None:
         """Wait for the sandbox to stop (or the wall time to pass) and record why."""
         waiter = asyncio.create_task(rootfs.run_host(self._runsc_wait(), check=False))
-        delay = self.spec.limits.wall_time_seconds + self.config.wall_time_grace_seconds
-        done, _ = await asyncio.wait({waiter}, timeout=delay)
-        if not done:
-            self._expired = True
-            await rootfs.run_host(self._runsc_kill(), check=False)
-            await waiter
+        try:
+            delay = self.spec.limits.wall_time_seconds + self.config.wall_time_grace_seconds
+            done, _ = await asyncio.wait({waiter}, timeout=delay)
+            if not done:
+                self._expired = True
+                await rootfs.run_host(self._runsc_kill(), check=False)
+                await waiter
+        finally:
+            waiter.cancel()
+            await asyncio.gather(waiter, return_exceptions=True)
         _, output = waiter.result()
         self._ended = await asyncio.to_thread(self._end_reason, output)
         if self.state is SandboxState.READY:

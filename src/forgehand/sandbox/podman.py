@@ -180,11 +180,53 @@ def limit_args(spec: SandboxSpec, nproc: int) -> list[str]:
     ]
 
 
-def security_args() -> list[str]:
-    """Unprivileged user, no capabilities, no privilege gain, read-only root."""
+PODMAN_SECCOMP = Path("/usr/share/containers/seccomp.json")
+# Taken out of every allow rule of podman's default profile, so its default action (EPERM)
+# refuses them: new namespaces (a host-kernel attack surface, unlike in gVisor), tracing,
+# and joining namespaces. clone stays allowed without namespace flags; clone3 answers
+# ENOSYS so libc falls back to clone, whose flags a filter can see.
+DENIED_SYSCALLS = frozenset({"unshare", "clone", "clone3", "ptrace", "setns"})
+CLONE_NAMESPACE_FLAGS = 0x7E020000  # NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
+ENOSYS = 38
+
+
+def seccomp_profile(default: Path = PODMAN_SECCOMP) -> dict[str, Any]:
+    """Podman's default seccomp profile, tightened as DENIED_SYSCALLS says."""
+    try:
+        profile: dict[str, Any] = json.loads(default.read_text())
+    except (OSError, ValueError) as exc:
+        raise BackendUnavailable(
+            f"podman's default seccomp profile {default} is missing or unreadable ({exc}): "
+            "reinstall the `containers-common` package"
+        ) from None
+    for rule in profile.get("syscalls", []):
+        rule["names"] = [n for n in rule["names"] if n not in DENIED_SYSCALLS]
+    profile["syscalls"] = [r for r in profile.get("syscalls", []) if r["names"]]
+    profile["syscalls"] += [
+        {
+            "names": ["clone"],
+            "action": "SCMP_ACT_ALLOW",
+            "args": [
+                {
+                    "index": 0,
+                    "value": CLONE_NAMESPACE_FLAGS,
+                    "valueTwo": 0,
+                    "op": "SCMP_CMP_MASKED_EQ",
+                },
+            ],
+        },
+        {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS},
+    ]
+    return profile
+
+
+def security_args(seccomp: Path) -> list[str]:
+    """Unprivileged user, no capabilities, no privilege gain, read-only root, and podman's
+    seccomp profile without namespaces or ptrace."""
     user = f"{rootfs.SANDBOX_UID}:{rootfs.SANDBOX_GID}"
     return [
         *("--user", user, "--cap-drop", "all", "--security-opt", "no-new-privileges"),
+        *("--security-opt", f"seccomp={seccomp}"),
         *("--read-only", "--read-only-tmpfs=false", "--network", "none", "--hostname", "sandbox"),
         "--no-hosts",
     ]
@@ -324,6 +366,8 @@ class PodmanSandbox:
         root = await asyncio.to_thread(
             rootfs.prepare_rootfs, self._dir / "rootfs", self.spec, mount_points(self.spec)
         )
+        profile = json.dumps(seccomp_profile())
+        await asyncio.to_thread((self._dir / "seccomp.json").write_text, profile)
         await self._run_container(root)
         await self._wait_ready()
         if self._proxy is not None:
@@ -348,7 +392,7 @@ class PodmanSandbox:
             *("run", "--detach", "--name", self._id, "--runtime", self.config.runtime),
             *(a for label in labels for a in ("--label", label)),
             *("--log-driver", "k8s-file", "--log-opt", f"path={self._dir / 'runner.log'}"),
-            *security_args(),
+            *security_args(self._dir / "seccomp.json"),
             *limit_args(self.spec, self.config.nproc_rlimit),
             *("--tmpfs", self._run_tmpfs()),
             *volume_args(self.spec, egress),
@@ -415,12 +459,16 @@ class PodmanSandbox:
     async def _watch(self) -> None:
         """Wait for the container to stop (or the wall time to pass) and record why."""
         waiter = asyncio.create_task(rootfs.run_host(self._podman("wait", self._id), check=False))
-        delay = self.spec.limits.wall_time_seconds + self.config.wall_time_grace_seconds
-        done, _ = await asyncio.wait({waiter}, timeout=delay)
-        if not done:
-            self._expired = True
-            await rootfs.run_host(self._podman("kill", self._id), check=False)
-            await waiter
+        try:
+            delay = self.spec.limits.wall_time_seconds + self.config.wall_time_grace_seconds
+            done, _ = await asyncio.wait({waiter}, timeout=delay)
+            if not done:
+                self._expired = True
+                await rootfs.run_host(self._podman("kill", self._id), check=False)
+                await waiter
+        finally:
+            waiter.cancel()
+            await asyncio.gather(waiter, return_exceptions=True)
         _, status = waiter.result()
         self._ended = await self._end_reason(status)
         if self.state is SandboxState.READY:

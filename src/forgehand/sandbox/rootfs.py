@@ -32,7 +32,6 @@ from typing import Any, Protocol, cast
 
 import forgehand
 from forgehand.runner.client import ExecConnector, RunnerClient
-from forgehand.runner.pump import pump_both
 from forgehand.runner.model import Exited, Output, RunSpec
 from forgehand.sandbox.egress import AllowRule, EgressConfig, EgressProxy
 from forgehand.sandbox.errors import BackendUnavailable, SandboxLaunchError
@@ -116,44 +115,12 @@ def proxy_argv() -> list[str]:
     return runner_argv("proxy", "--socket", str(RUNNER_SOCKET))
 
 
-CHANNEL_CLOSE_SECONDS = 10.0
 MAX_STACKED_MOUNTS = 8
-
-
-class ExecChannel(ExecConnector):
-    """``ExecConnector`` that closes the command's stdin when a connection ends.
-
-    ``runsc exec`` hands our pipes to the process inside the sandbox, so killing ``runsc
-    exec`` leaves them open: the in-sandbox proxy must see stdin EOF to end and release
-    them, or waiting for the command would hang. The wait is bounded either way."""
-
-    async def _bridge(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        process = await asyncio.create_subprocess_exec(
-            *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=self.env
-        )
-        assert process.stdin is not None
-        assert process.stdout is not None
-        try:
-            await pump_both(reader, writer, process.stdout, process.stdin)
-        finally:
-            writer.close()
-            process.stdin.close()
-            await _end(process)
-
-
-async def _end(process: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(CHANNEL_CLOSE_SECONDS):
-            await process.wait()
-            return
-    with contextlib.suppress(ProcessLookupError):
-        process.kill()
-    log.warning("exec channel %s did not end; killed it", process.pid)
 
 
 def exec_client(argv: list[str]) -> RunnerClient:
     """A runner client whose every connection runs ``argv`` (``… forgehand-runner proxy``)."""
-    return RunnerClient.connect(ExecChannel(argv))
+    return RunnerClient.connect(ExecConnector(argv))
 
 
 def runner_env(spec: SandboxSpec) -> dict[str, str]:
@@ -297,13 +264,23 @@ async def run_host(argv: Sequence[str], *, check: bool = True) -> tuple[int, str
     except FileNotFoundError as exc:
         raise BackendUnavailable(f"{argv[0]} not found: install it (see availability())") from exc
     log.debug("started %s", " ".join(argv))
-    output, _ = await process.communicate()
+    try:
+        output, _ = await process.communicate()
+    except asyncio.CancelledError:
+        await uncancellable(_kill_and_wait(process))
+        raise
     text = output.decode(errors="replace").strip()
     code = process.returncode if process.returncode is not None else -1
     log.debug("status %s of %s", code, argv[:4])
     if check and code != 0:
         raise SandboxLaunchError(f"`{' '.join(argv)}` failed with status {code}: {text[-2000:]}")
     return code, text
+
+
+async def _kill_and_wait(process: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+    await process.wait()
 
 
 def tail(path: Path, limit: int = 2000) -> str:

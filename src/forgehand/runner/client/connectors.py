@@ -117,9 +117,7 @@ class ExecConnector:
             await pump_both(reader, writer, process.stdout, process.stdin)
         finally:
             writer.close()
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
+            await _end(process)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -135,3 +133,21 @@ class ExecConnector:
             with contextlib.suppress(OSError):
                 os.rmdir(self._dir)
             self._dir = None
+
+
+EXEC_EXIT_SECONDS = 2.0
+
+
+async def _end(process: asyncio.subprocess.Process) -> None:
+    """Close the exec channel's stdin, so the far end's proxy sees EOF even when the channel
+    hands our pipe on (as `runsc exec` does); give it a moment to end, then kill it. Every
+    wait is bounded."""
+    if process.stdin is not None:
+        process.stdin.close()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(process.wait(), EXEC_EXIT_SECONDS)
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(process.wait(), EXEC_EXIT_SECONDS)
