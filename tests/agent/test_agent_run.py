@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -95,6 +96,33 @@ async def test_multi_step_fix_ends_as_a_branch(kind: str, repo: Path) -> None:
     assert (repo / "calc.py").read_text() == BUGGY_CALC  # the checkout itself is untouched
     assert git(repo, "status", "--porcelain") == ""
     assert records[-1]["type"] == "run_end"
+    assert records[-1]["reason"] == "finished"
+    (ran,) = [r for r in records if r["type"] == "tool_call" and r["name"] == "run"]
+    assert ran["exit_code"] == 0
+
+
+@pytest.mark.skipif(
+    shutil.which("bwrap") is None or os.geteuid() != 0,
+    reason="the bubblewrap backend needs root and the `bubblewrap` package",
+)
+async def test_multi_step_fix_inside_a_bubblewrap_sandbox(
+    kind: str, repo: Path, agent_env: Path
+) -> None:
+    agent_env.chmod(0o711)  # the sandbox's uid must be able to reach its work dir
+    code, server, records = await run_cli_in_process(
+        kind,
+        repo,
+        FIX_TURNS,
+        "add() subtracts\n\ncalc.add(2, 3) should be 5.",
+        "--sandbox",
+        "bwrap",
+    )
+    assert code == 0
+    assert server.remaining == 0
+    (branch,) = git(
+        repo, "branch", "--list", "--format=%(refname:short)", "forgehand/agent-*"
+    ).split()
+    assert "return a + b" in git(repo, "show", f"{branch}:calc.py")
     assert records[-1]["reason"] == "finished"
     (ran,) = [r for r in records if r["type"] == "tool_call" and r["name"] == "run"]
     assert ran["exit_code"] == 0
