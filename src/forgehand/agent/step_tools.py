@@ -3,11 +3,15 @@ branch by the caller), mapped to the step references the runner runs them by."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from forgehand.agent.model import ToolSpec
-from forgehand.agent.tools import BUILTIN_NAMES
+from forgehand.agent.runner_executor import RunnerToolExecutor
+from forgehand.agent.tools import BUILTIN_NAMES, BUILTIN_TOOLS
+from forgehand.runner.client import RunnerClient
 from forgehand.steps.tools import discover_tool_steps
 
 
@@ -34,3 +38,15 @@ def repository_step_tools(host_repo: Path, sandbox_repo: str) -> StepTools:
         tools.refs[tool.name] = str(PurePosixPath(sandbox_repo) / relative.as_posix())
         tools.specs.append(ToolSpec.model_validate(tool.definition))
     return tools
+
+
+async def repository_executor(
+    client: RunnerClient, host_repo: Path, sandbox_repo: str, env: Mapping[str, str]
+) -> tuple[RunnerToolExecutor, list[str]]:
+    """An executor offering the built-in tools plus the repository's own steps, and the
+    problems with step files that were skipped (to tell the person running forgehand)."""
+    tools = await asyncio.to_thread(repository_step_tools, host_repo, sandbox_repo)
+    executor = RunnerToolExecutor(
+        client, sandbox_repo, [*BUILTIN_TOOLS, *tools.specs], env=env, step_refs=tools.refs
+    )
+    return executor, tools.problems

@@ -36,7 +36,7 @@ from forgehand.agent.errors import ModelConfigError
 from forgehand.agent.loop import Agent, AgentResult, AgentSettings
 from forgehand.agent.prompt import Task, build_prompt
 from forgehand.agent.providers import build_provider
-from forgehand.agent.runner_executor import RunnerToolExecutor
+from forgehand.agent.step_tools import repository_executor
 from forgehand.agent.trajectory import Trajectory
 from forgehand.agent.workspace import (
     GitError,
@@ -102,7 +102,11 @@ async def _run_loop(
     trajectory: Path,
 ) -> AgentResult:
     check_env(space.env, secrets)
-    executor = RunnerToolExecutor(space.client, space.sandbox_dir, env=space.env)
+    executor, problems = await repository_executor(
+        space.client, space.host_dir, space.sandbox_dir, space.env
+    )
+    for problem in problems:
+        print(f"forgehand agent: skipped a repository step: {problem}", file=sys.stderr)
     system, task = await build_prompt(
         Task.from_text(args.task), space.host_dir, executor.tools(), lambda _author: False
     )

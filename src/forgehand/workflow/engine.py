@@ -33,6 +33,7 @@ from forgehand.agent.loop import Agent, AgentResult, AgentSettings
 from forgehand.agent.model import ModelProvider
 from forgehand.agent.prompt import IssueComment, Task, build_prompt
 from forgehand.agent.runner_executor import RunnerToolExecutor
+from forgehand.agent.step_tools import repository_executor
 from forgehand.agent.trajectory import Trajectory
 from forgehand.agent.workspace import GitError
 from forgehand.agent.workspaces import WorkspaceError, check_env
@@ -376,7 +377,12 @@ class Workflow:
     async def _agent(self, run: _Run) -> Output:
         session = await self._agent_session(run)
         guard = run.out(Phase.GUARD)
-        executor = RunnerToolExecutor(session.client, session.repo_dir, env=session.space.env)
+        # The checkout is the default branch's head: repository steps are read from there.
+        executor, problems = await repository_executor(
+            session.client, session.repo_host, session.repo_dir, session.space.env
+        )
+        for problem in problems:
+            self.progress.note(f"skipped a repository step: {problem}")
         task = Task(
             title=guard["issue"]["title"],
             body=guard["issue"]["body"],
