@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from forgehand.runner.client import LocalTransport, RunnerClient
 from forgehand.runner.config import MAX_STATE_DIR_CHARS, RunnerConfig
 from forgehand.runner.core import RunnerCore
+
+if TYPE_CHECKING:
+    from forgehand.sandbox.spec import NetworkPolicy
 
 NO_SANDBOX = "none"
 _QUIET_TOOLS = {"TERM": "dumb", "PAGER": "cat", "GIT_PAGER": "cat", "LANG": "C.UTF-8"}
@@ -43,6 +48,20 @@ class Workspace:
     env: dict[str, str]
     backend: str = NO_SANDBOX
     detail: str = field(default="in-process runner, no isolation")
+    egress_log: Path | None = None
+    """The egress proxy's decision log on the host (sandboxes with network: proxy)."""
+
+    def denied_hosts(self) -> list[str]:
+        """Hosts the egress proxy refused so far, in order (blocking file read)."""
+        if self.egress_log is None or not self.egress_log.exists():
+            return []
+        denied: dict[str, None] = {}
+        for line in self.egress_log.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError, AttributeError):
+                record = json.loads(line)
+                if record.get("decision") == "denied" and record.get("host"):
+                    denied[str(record["host"])] = None
+        return list(denied)
 
 
 @contextlib.asynccontextmanager
@@ -61,16 +80,21 @@ async def scratch_dir(prefix: str = "fh-agent-") -> AsyncIterator[Path]:
 
 @contextlib.asynccontextmanager
 async def open_workspace(
-    kind: str, scratch: Path, *, path_prefix: Sequence[str] = ()
+    kind: str,
+    scratch: Path,
+    *,
+    path_prefix: Sequence[str] = (),
+    network: NetworkPolicy | None = None,
 ) -> AsyncIterator[Workspace]:
-    """A workspace over `<scratch>/work`; `path_prefix` directories go first on PATH."""
+    """A workspace over `<scratch>/work`; `path_prefix` directories go first on PATH.
+    `network` applies to sandboxes (default: none); without a sandbox there is no policy."""
     work = scratch / "work"
     await asyncio.to_thread(work.mkdir)
     if kind == NO_SANDBOX:
         async with _local_runner(scratch, work, path_prefix) as space:
             yield space
         return
-    async with _sandboxed(kind, work, path_prefix) as space:
+    async with _sandboxed(kind, work, path_prefix, network) as space:
         yield space
 
 
@@ -98,13 +122,15 @@ async def _local_runner(
 
 
 @contextlib.asynccontextmanager
-async def _sandboxed(kind: str, work: Path, path_prefix: Sequence[str]) -> AsyncIterator[Workspace]:
+async def _sandboxed(
+    kind: str, work: Path, path_prefix: Sequence[str], network: NetworkPolicy | None
+) -> AsyncIterator[Workspace]:
     from forgehand.sandbox import backend as backends
     from forgehand.sandbox.errors import SandboxError
     from forgehand.sandbox.runs import run_environment
-    from forgehand.sandbox.spec import SandboxSpec, WorkDir
+    from forgehand.sandbox.spec import NoNetwork, ProxyNetwork, SandboxSpec, WorkDir
 
-    spec = SandboxSpec(work_dir=WorkDir(host_path=work))
+    spec = SandboxSpec(work_dir=WorkDir(host_path=work), network=network or NoNetwork())
     try:
         backend = backends.choose_backend(spec, kind)
     except SandboxError as exc:
@@ -122,13 +148,19 @@ async def _sandboxed(kind: str, work: Path, path_prefix: Sequence[str]) -> Async
             path_prefix,
             "/usr/bin:/bin",
         )
+        directory = getattr(sandbox, "directory", None)
+        egress_log = None
+        if isinstance(spec.network, ProxyNetwork) and directory is not None:
+            egress_log = Path(directory) / "egress" / "decisions.jsonl"
         yield Workspace(
             sandbox.client,
             sandbox.work_dir,
             str(spec.work_dir.sandbox_path),
             env,
             backend=kind,
-            detail=f"{kind} sandbox, isolation {sandbox.achieved.isolation}",
+            detail=f"{kind} sandbox, isolation {sandbox.achieved.isolation}, "
+            f"network {spec.network.mode}",
+            egress_log=egress_log,
         )
 
 

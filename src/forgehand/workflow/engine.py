@@ -351,6 +351,7 @@ class Workflow:
                 self._mirror(run),
                 commit,
                 path_prefix=self.options.path_prefix,
+                network=run.resolved.config.sandbox_network(),
             )
         )
         check_env(session.space.env, self.secrets)

@@ -22,9 +22,10 @@ import json
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from forgehand.agent.budget import Budgets
+from forgehand.sandbox.spec import ProxyNetwork
 
 CONFIG_PATH = ".forgehand/config.yml"
 DEFAULT_PROTECTED = (".gitlab-ci.yml", ".github/workflows/**", ".forgehand/**")
@@ -64,6 +65,24 @@ class SizeLimits(_Strict):
     max_file_bytes: int = Field(default=1_000_000, gt=0)
 
 
+class RepoNetwork(_Strict):
+    """What the sandbox may reach (through the egress proxy), besides the package
+    registries it may always reach."""
+
+    allow: tuple[str, ...] = Field(
+        default=(), description="extra hosts: `example.com`, `*.example.com` or an IP"
+    )
+
+    @field_validator("allow")
+    @classmethod
+    def _hosts(cls, hosts: tuple[str, ...]) -> tuple[str, ...]:
+        from forgehand.sandbox.egress.config import AllowRule
+
+        for host in hosts:
+            AllowRule(host=host)  # raises with the reason for a malformed host
+        return hosts
+
+
 class RepoConfig(_Strict):
     """The whole file; every field is optional."""
 
@@ -73,6 +92,14 @@ class RepoConfig(_Strict):
     protected_paths: tuple[str, ...] = ()
     budgets: RepoBudgets = RepoBudgets()
     limits: SizeLimits = SizeLimits()
+    network: RepoNetwork = RepoNetwork()
+
+    def sandbox_network(self) -> ProxyNetwork:
+        """The sandbox's network: the egress proxy with the registries plus `network.allow`."""
+        from forgehand.sandbox.egress.config import DEFAULT_ALLOW
+
+        hosts = dict.fromkeys([*(rule.host for rule in DEFAULT_ALLOW), *self.network.allow])
+        return ProxyNetwork(allow_hosts=tuple(hosts))
 
     @property
     def all_protected(self) -> tuple[str, ...]:

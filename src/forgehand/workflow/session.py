@@ -21,6 +21,7 @@ from typing import Any
 from forgehand.agent.workspace import GitError
 from forgehand.agent.workspaces import Workspace, give_to_owner_of, open_workspace, scratch_dir
 from forgehand.runner.model import RunSpec
+from forgehand.sandbox.spec import NetworkPolicy
 from forgehand.workflow.mirror import Mirror, result_ref, seed_checkout
 from forgehand.workflow.model import Outcome, RunEnded
 
@@ -89,12 +90,17 @@ class Session:
 
 @contextlib.asynccontextmanager
 async def open_session(
-    kind: str, mirror: Mirror, commit: str, *, path_prefix: Sequence[str] = ()
+    kind: str,
+    mirror: Mirror,
+    commit: str,
+    *,
+    path_prefix: Sequence[str] = (),
+    network: NetworkPolicy | None = None,
 ) -> AsyncIterator[Session]:
     """A new sandbox with `commit` checked out on the default branch in `repo/`."""
     async with (
         scratch_dir("fh-run-") as scratch,
-        open_workspace(kind, scratch, path_prefix=path_prefix) as space,
+        open_workspace(kind, scratch, path_prefix=path_prefix, network=network) as space,
     ):
         session = Session(space, scratch)
         await seed_checkout(mirror, session.repo_host, commit)
@@ -108,6 +114,15 @@ async def run_setup(session: Session, commands: Sequence[str]) -> list[dict[str,
     for command in commands:
         ok, output = await session.run_script(command, SETUP_TIMEOUT_S)
         if not ok:
+            denied = await asyncio.to_thread(session.space.denied_hosts)
+            if denied:
+                raise RunEnded(
+                    Outcome.BLOCKED_NETWORK,
+                    f"the setup command `{command}` failed after the sandbox was refused "
+                    f"network access to {', '.join(denied)}: if the project needs them, add "
+                    "them to `network.allow` in .forgehand/config.yml",
+                    output=output[-3000:],
+                )
             raise RunEnded(
                 Outcome.SETUP_FAILED,
                 f"the setup command `{command}` failed: fix it in .forgehand/config.yml",
