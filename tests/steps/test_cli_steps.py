@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import pytest
 from conftest import WriteStep
 
 from forgehand.steps.builtins import FAMILIES
@@ -123,11 +126,46 @@ def test_run_relative_file_and_failure(tmp_path: Path) -> None:
 
 
 def test_run_usage_errors(tmp_path: Path) -> None:
-    sandboxed = _forgehand("run", "builtin://run", "-i", "command=true", "--sandbox", "bwrap")
-    assert sandboxed.returncode == 2
-    assert "--sandbox bwrap is not wired yet" in sandboxed.stderr
+    git_ref = _forgehand("run", "https://example.invalid/steps@v1", "--sandbox", "bwrap")
+    assert git_ref.returncode == 2
+    assert "fetched on the trusted side" in git_ref.stderr
     bad_input = _forgehand("run", "builtin://run", "-i", "novalue")
     assert bad_input.returncode == 2
     assert "--input takes NAME=VALUE" in bad_input.stderr
     bad_dir = _forgehand("run", "builtin://run", "--work-dir", str(tmp_path / "missing"))
     assert bad_dir.returncode == 2
+
+
+@pytest.mark.skipif(
+    shutil.which("bwrap") is None or os.geteuid() != 0,
+    reason="the bubblewrap backend needs root and the `bubblewrap` package",
+)
+def test_run_inside_a_bubblewrap_sandbox(tmp_path: Path) -> None:
+    work = Path(tempfile.mkdtemp(prefix="fh-steps-", dir="/tmp"))
+    try:
+        work.chmod(0o755)
+        (work / "notes.txt").write_text("one\ntwo\n")
+        builtin = _forgehand(
+            "run",
+            "builtin://read_file",
+            "-i",
+            "path=notes.txt",
+            "--work-dir",
+            str(work),
+            "--sandbox",
+            "bwrap",
+        )
+        assert builtin.returncode == 0, builtin.stderr
+        assert "two" in json.loads(builtin.stdout)["content"]
+        tutorial = _forgehand(
+            "run",
+            str(FIXTURES / "tutorial_outputs"),
+            "--work-dir",
+            str(work),
+            "--sandbox",
+            "bwrap",
+        )
+        assert tutorial.returncode == 0, tutorial.stderr
+        assert "gitlab steps" in json.loads(tutorial.stdout)["all_greetings"]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

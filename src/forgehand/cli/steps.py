@@ -148,13 +148,6 @@ class _ConsoleSink:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.sandbox != "none":
-        print(
-            f"forgehand: --sandbox {args.sandbox} is not wired yet; use --sandbox none to run "
-            "the step here, without isolation",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
     try:
         inputs = parse_inputs(args.input)
     except ValueError as exc:
@@ -163,6 +156,15 @@ def _run(args: argparse.Namespace) -> int:
     if not args.work_dir.is_dir():
         print(f"forgehand: --work-dir {args.work_dir} is not a directory", file=sys.stderr)
         return EXIT_USAGE
+    if args.sandbox != "none":
+        from forgehand.cli.steps_sandboxed import refused_reference, run_in_sandbox
+
+        ref = _ref(args.ref)
+        refusal = refused_reference(ref)
+        if refusal is not None:
+            print(f"forgehand: {refusal}", file=sys.stderr)
+            return EXIT_USAGE
+        return asyncio.run(run_in_sandbox(args.sandbox, ref, inputs, args.work_dir))
     return asyncio.run(_execute(_ref(args.ref), inputs, args.work_dir))
 
 
