@@ -59,7 +59,14 @@ from forgehand.sandbox.errors import (
     SandboxLaunchError,
     SandboxStateError,
 )
-from forgehand.sandbox.registry import DEFAULT_ROOT, Entry, Registry, own_entry
+from forgehand.sandbox.registry import (
+    DEFAULT_ROOT,
+    Entry,
+    Registry,
+    list_records,
+    own_entry,
+    reap_leftovers,
+)
 from forgehand.sandbox.runs import run_environment, run_spec
 from forgehand.sandbox.spec import (
     ByteSize,
@@ -610,20 +617,12 @@ class GVisorBackend:
             await sandbox.destroy()
 
     async def list_sandboxes(self) -> list[SandboxRecord]:
-        entries = await asyncio.to_thread(self.registry.entries, NAME)
-        return [_record(entry) for entry in entries]
+        return await list_records(self.registry, NAME)
 
     async def reap(self) -> list[SandboxRecord]:
-        entries = await asyncio.to_thread(self.registry.entries, NAME)
-        leftovers = [e for e in entries if not e.owner_alive]
-        for entry in leftovers:
-            await reap_entry(self.config, self.registry, entry)
-        return [_record(entry) for entry in leftovers]
-
-
-def _record(entry: Entry) -> SandboxRecord:
-    state: Literal["running", "leftover"] = "running" if entry.owner_alive else "leftover"
-    return SandboxRecord(NAME, entry.sandbox_id, state, entry.owner_pid, f"work {entry.work_dir}")
+        return await reap_leftovers(
+            self.registry, NAME, lambda entry: reap_entry(self.config, self.registry, entry)
+        )
 
 
 async def reap_entry(config: GVisorConfig, registry: Registry, entry: Entry) -> None:

@@ -11,15 +11,19 @@ Everything here is synchronous file I/O; async callers use ``asyncio.to_thread``
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import re
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
+from forgehand.sandbox.backend import SandboxRecord
 from forgehand.sandbox.cgroups import process_start_time
 from forgehand.sandbox.errors import SandboxLaunchError
 
@@ -102,3 +106,28 @@ def _read(path: Path) -> Entry | None:
     with contextlib.suppress(OSError, ValueError, TypeError):
         return Entry(**json.loads(path.read_text()))
     return None
+
+
+def entry_record(backend: str, entry: Entry) -> SandboxRecord:
+    """How `forgehand sandbox ls` shows a registry entry."""
+    state: Literal["running", "leftover"] = "running" if entry.owner_alive else "leftover"
+    return SandboxRecord(
+        backend, entry.sandbox_id, state, entry.owner_pid, f"work {entry.work_dir}"
+    )
+
+
+async def list_records(registry: Registry, backend: str) -> list[SandboxRecord]:
+    """The backend's sandboxes on this machine, live or left behind."""
+    entries = await asyncio.to_thread(registry.entries, backend)
+    return [entry_record(backend, entry) for entry in entries]
+
+
+async def reap_leftovers(
+    registry: Registry, backend: str, reap_one: Callable[[Entry], Awaitable[None]]
+) -> list[SandboxRecord]:
+    """Remove, with ``reap_one``, every sandbox of the backend whose owner is gone."""
+    entries = await asyncio.to_thread(registry.entries, backend)
+    leftovers = [entry for entry in entries if not entry.owner_alive]
+    for entry in leftovers:
+        await reap_one(entry)
+    return [entry_record(backend, entry) for entry in leftovers]
