@@ -356,6 +356,7 @@ class RunnerCore:
             records = reader.read(first or budget)
             first = 0
             if records:
+                exited = exited or self._exit_in(run, records[-1][1])
                 yield AttachBatch([payload for _seq, payload in records])
                 if exited is not None and reader.last_seq >= exited.seq:
                     return
@@ -374,6 +375,16 @@ class RunnerCore:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wakeup.wait(), timeout)
+
+    def _exit_in(self, run: RunHandle, payload: bytes) -> pb.Event | None:
+        """The run's exit, if this record is it. A client may learn of the exit from the
+        journal before the keeper's notification arrives; the registry must not lag behind
+        what a client has seen (a start right after would count the run as running)."""
+        event = pb.Event.FromString(payload)
+        if not event.HasField("exited"):
+            return None
+        self._set_exited(run, event)
+        return event
 
     # -- control ------------------------------------------------------------------------
 
