@@ -41,9 +41,9 @@ from forgehand.sandbox.spec import DirRoot, OpenNetwork, ProxyNetwork, SandboxSp
 PROVIDES_ISOLATION = frozenset({"process"})
 JOIN_FAILED_EXIT = 125
 EGRESS_SOCKET = "/run/forgehand/egress.sock"
-_HOST_TOP_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+HOST_TOP_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 # /etc pieces programs need; never the whole /etc (shadow, ssh keys, pip.conf, ...).
-_HOST_ETC = (
+HOST_ETC = (
     "alternatives",
     "ca-certificates",
     "ca-certificates.conf",
@@ -229,13 +229,13 @@ def _root_args(spec: SandboxSpec) -> list[str]:
     if isinstance(spec.root, DirRoot):
         return ["--ro-bind", str(spec.root.path), "/"]
     args = ["--ro-bind", "/usr", "/usr"]
-    for name in _HOST_TOP_DIRS:
+    for name in HOST_TOP_DIRS:
         host = Path("/") / name
         if host.is_symlink():
             args += ["--symlink", os.readlink(host), str(host)]
         elif host.is_dir():
             args += ["--ro-bind", str(host), str(host)]
-    for name in _HOST_ETC:
+    for name in HOST_ETC:
         args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
     if isinstance(spec.network, OpenNetwork):
         args += ["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]

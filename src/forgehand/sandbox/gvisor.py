@@ -31,8 +31,6 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from enum import StrEnum
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -67,6 +65,7 @@ from forgehand.sandbox.registry import (
     own_entry,
     reap_leftovers,
 )
+from forgehand.sandbox.rootfs import SandboxEnd, SandboxState
 from forgehand.sandbox.runs import run_environment, run_spec
 from forgehand.sandbox.spec import (
     ByteSize,
@@ -118,29 +117,6 @@ class GVisorConfig(BaseModel):
     """Passed to the egress proxy (see ``EgressConfig``)."""
     allow_loopback_for_tests: bool = False
     """TESTING ONLY: lets the egress proxy reach loopback servers."""
-
-
-class SandboxState(StrEnum):
-    """Lifecycle of a ``GVisorSandbox``."""
-
-    CREATED = "created"
-    STARTING = "starting"
-    READY = "ready"
-    ENDED = "ended"
-    """The sandbox stopped on its own (see ``ended``): only destroy remains."""
-    DESTROYING = "destroying"
-    DESTROYED = "destroyed"
-    FAILED = "failed"
-    """Start or destroy failed; ``reap`` removes what is left once the owner is gone."""
-
-
-@dataclass(frozen=True)
-class SandboxEnd:
-    """Why a sandbox stopped before it was destroyed."""
-
-    reason: ExitReason
-    """``oom``, ``limit`` (pids), ``timeout`` (wall time) or ``exited``."""
-    detail: str
 
 
 def runsc_release(runsc: str) -> tuple[str, int | None]:
@@ -250,7 +226,7 @@ def oci_config(
     }
 
 
-class GVisorSandbox:
+class GVisorSandbox(rootfs.ManagedSandbox):
     """One running gVisor sandbox with its runner (the ``Sandbox`` Protocol)."""
 
     def __init__(self, spec: SandboxSpec, config: GVisorConfig) -> None:
@@ -331,45 +307,6 @@ class GVisorSandbox:
         instead, only the run that used the memory fails, and this is how to tell."""
         group = self._group
         return group is not None and await asyncio.to_thread(group.oom_kills) > 0
-
-    async def wait_ended(self) -> SandboxEnd:
-        """Wait until the sandbox stops on its own and say why."""
-        if self._watcher is not None:
-            await asyncio.shield(self._watcher)
-        if self._ended is None:
-            raise SandboxStateError(f"sandbox {self._id} is {self.state.value}, not running")
-        return self._ended
-
-    # -- lifecycle -----------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Set everything up and return once the runner answers."""
-        self._require(SandboxState.CREATED, "start")
-        self.state = SandboxState.STARTING
-        try:
-            await self._launch()
-        except BaseException:
-            await rootfs.uncancellable(self._teardown_quietly())
-            self.state = SandboxState.FAILED
-            raise
-        self.state = SandboxState.READY
-
-    async def destroy(self) -> None:
-        """Kill the sandbox and remove every trace. Idempotent; survives cancellation."""
-        if self.state in (SandboxState.DESTROYED, SandboxState.CREATED):
-            return
-        await rootfs.uncancellable(self._destroy())
-
-    async def _destroy(self) -> None:
-        self.state = SandboxState.DESTROYING
-        failures = await self._teardown()
-        if failures:
-            self.state = SandboxState.FAILED
-            raise SandboxError(
-                f"sandbox {self._id} was not fully destroyed ({failures[0]}); "
-                "`forgehand sandbox gc` removes what is left once this process has ended"
-            ) from failures[0]
-        self.state = SandboxState.DESTROYED
 
     async def _launch(self) -> None:
         check_spec(self.spec)
@@ -523,9 +460,6 @@ class GVisorSandbox:
             )
         return SandboxEnd(ExitReason.EXITED, f"the sandbox stopped: {wait_output[-500:]}")
 
-    async def _teardown_quietly(self) -> None:
-        await self._teardown()
-
     async def _teardown(self) -> list[BaseException]:
         """Every cleanup step runs; the record goes last, and only if all else worked."""
         steps: list[Callable[[], Awaitable[None]]] = [
@@ -569,13 +503,6 @@ class GVisorSandbox:
     async def _stop_proxy(self) -> None:
         if self._proxy is not None:
             await self._proxy.stop()
-
-    def _require(self, state: SandboxState, action: str) -> None:
-        if self.state is not state:
-            why = f" ({self._ended.detail})" if self._ended else ""
-            raise SandboxStateError(
-                f"cannot {action} sandbox {self._id}: it is {self.state.value}{why}"
-            )
 
 
 async def delete_runsc(config: GVisorConfig, sandbox_id: str) -> None:

@@ -30,8 +30,6 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from enum import StrEnum
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -65,6 +63,7 @@ from forgehand.sandbox.registry import (
     own_entry,
     reap_leftovers,
 )
+from forgehand.sandbox.rootfs import SandboxEnd, SandboxState
 from forgehand.sandbox.runs import run_environment, run_spec
 from forgehand.sandbox.spec import (
     ByteSize,
@@ -110,28 +109,6 @@ class PodmanConfig(BaseModel):
     """Passed to the egress proxy (see ``EgressConfig``)."""
     allow_loopback_for_tests: bool = False
     """TESTING ONLY: lets the egress proxy reach loopback servers."""
-
-
-class SandboxState(StrEnum):
-    """Lifecycle of a ``PodmanSandbox``."""
-
-    CREATED = "created"
-    STARTING = "starting"
-    READY = "ready"
-    ENDED = "ended"
-    """The container stopped on its own (see ``ended``): only destroy remains."""
-    DESTROYING = "destroying"
-    DESTROYED = "destroyed"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class SandboxEnd:
-    """Why a container stopped before it was destroyed."""
-
-    reason: ExitReason
-    """``oom``, ``timeout`` (wall time) or ``exited``."""
-    detail: str
 
 
 def check_host(config: PodmanConfig) -> str:
@@ -255,7 +232,7 @@ def env_args(spec: SandboxSpec) -> list[str]:
     return [a for k, v in rootfs.runner_env(spec).items() for a in ("--env", f"{k}={v}")]
 
 
-class PodmanSandbox:
+class PodmanSandbox(rootfs.ManagedSandbox):
     """One running podman container with its runner (the ``Sandbox`` Protocol)."""
 
     def __init__(self, spec: SandboxSpec, config: PodmanConfig) -> None:
@@ -320,45 +297,6 @@ class PodmanSandbox:
         """Run a command to its end with the sandbox's defaults."""
         self._require(SandboxState.READY, "run in")
         return await self._client.run(self.run_spec(argv, **fields))
-
-    async def wait_ended(self) -> SandboxEnd:
-        """Wait until the container stops on its own and say why."""
-        if self._watcher is not None:
-            await asyncio.shield(self._watcher)
-        if self._ended is None:
-            raise SandboxStateError(f"sandbox {self._id} is {self.state.value}, not running")
-        return self._ended
-
-    # -- lifecycle -----------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Set everything up and return once the runner answers."""
-        self._require(SandboxState.CREATED, "start")
-        self.state = SandboxState.STARTING
-        try:
-            await self._launch()
-        except BaseException:
-            await rootfs.uncancellable(self._teardown_quietly())
-            self.state = SandboxState.FAILED
-            raise
-        self.state = SandboxState.READY
-
-    async def destroy(self) -> None:
-        """Remove the container and every trace. Idempotent; survives cancellation."""
-        if self.state in (SandboxState.DESTROYED, SandboxState.CREATED):
-            return
-        await rootfs.uncancellable(self._destroy())
-
-    async def _destroy(self) -> None:
-        self.state = SandboxState.DESTROYING
-        failures = await self._teardown()
-        if failures:
-            self.state = SandboxState.FAILED
-            raise SandboxError(
-                f"sandbox {self._id} was not fully destroyed ({failures[0]}); "
-                "`forgehand sandbox gc` removes what is left once this process has ended"
-            ) from failures[0]
-        self.state = SandboxState.DESTROYED
 
     async def _launch(self) -> None:
         check_spec(self.spec)
@@ -490,9 +428,6 @@ class PodmanSandbox:
             return SandboxEnd(ExitReason.OOM, f"the runner was killed at {limit} bytes of memory")
         return SandboxEnd(ExitReason.EXITED, f"the container stopped with status {status}")
 
-    async def _teardown_quietly(self) -> None:
-        await self._teardown()
-
     async def _teardown(self) -> list[BaseException]:
         """Every cleanup step runs; the record goes last, and only if all else worked."""
         steps: list[Callable[[], Awaitable[None]]] = [
@@ -530,13 +465,6 @@ class PodmanSandbox:
     async def _stop_proxy(self) -> None:
         if self._proxy is not None:
             await self._proxy.stop()
-
-    def _require(self, state: SandboxState, action: str) -> None:
-        if self.state is not state:
-            why = f" ({self._ended.detail})" if self._ended else ""
-            raise SandboxStateError(
-                f"cannot {action} sandbox {self._id}: it is {self.state.value}{why}"
-            )
 
 
 async def remove_container(config: PodmanConfig, name: str) -> None:

@@ -26,15 +26,22 @@ import shutil
 import sys
 from collections.abc import AsyncGenerator, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, cast
 
 import forgehand
 from forgehand.runner.client import ExecConnector, RunnerClient
-from forgehand.runner.model import Exited, Output, RunSpec
+from forgehand.runner.model import Exited, ExitReason, Output, RunSpec
+from forgehand.sandbox import bwrap
 from forgehand.sandbox.egress import AllowRule, EgressConfig, EgressProxy
-from forgehand.sandbox.errors import BackendUnavailable, SandboxLaunchError
+from forgehand.sandbox.errors import (
+    BackendUnavailable,
+    SandboxError,
+    SandboxLaunchError,
+    SandboxStateError,
+)
 from forgehand.sandbox.spec import DirRoot, ProxyNetwork, SandboxSpec
 
 log = logging.getLogger(__name__)
@@ -50,25 +57,12 @@ RUNNER_SOCKET = RUN_DIR / "runner.sock"
 RUNNER_STATE = RUN_DIR / "state"
 RUNNER_PYTHON = VENV_TARGET / "bin" / "python"
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
-_MERGED_USR = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+_MERGED_USR = bwrap.HOST_TOP_DIRS
 _EMPTY_DIRS = ("proc", "dev", "sys", "tmp", "run", "etc", "usr", "opt/forgehand")
 # /etc pieces programs need; never the whole /etc (shadow, ssh keys, pip.conf, ...).
-_HOST_ETC = (
-    "alternatives",
-    "ca-certificates.conf",
-    "ld.so.cache",
-    "ld.so.conf",
-    "ld.so.conf.d",
-    "localtime",
-    "mime.types",
-    "nsswitch.conf",
-    "protocols",
-    "services",
-    "ssl/certs",
-    "ssl/openssl.cnf",
-    "python3",
-    "python3.11",
-)
+# bwrap's list, without /etc/ca-certificates (update-ca-certificates' own settings, which
+# the read-only OCI roots do not carry); the certificates themselves come with ssl/certs.
+_HOST_ETC = tuple(name for name in bwrap.HOST_ETC if name != "ca-certificates")
 
 
 @dataclass(frozen=True)
@@ -353,3 +347,90 @@ async def uncancellable(coro: Coroutine[Any, Any, None]) -> None:
     except asyncio.CancelledError:
         await task
         raise
+
+
+class SandboxState(StrEnum):
+    """Lifecycle of a gVisor or podman sandbox."""
+
+    CREATED = "created"
+    STARTING = "starting"
+    READY = "ready"
+    ENDED = "ended"
+    """The sandbox stopped on its own (see ``ended``): only destroy remains."""
+    DESTROYING = "destroying"
+    DESTROYED = "destroyed"
+    FAILED = "failed"
+    """Start or destroy failed; ``reap`` removes what is left once the owner is gone."""
+
+
+@dataclass(frozen=True)
+class SandboxEnd:
+    """Why a sandbox stopped before it was destroyed."""
+
+    reason: ExitReason
+    """``oom``, ``limit`` (pids), ``timeout`` (wall time) or ``exited``."""
+    detail: str
+
+
+class ManagedSandbox:
+    """The start/destroy lifecycle the gVisor and podman sandboxes share. A subclass sets
+    ``state``, ``_id``, ``_ended`` and ``_watcher`` and provides ``_launch`` (set up, return
+    once the runner answers) and ``_teardown`` (every cleanup step; the failures)."""
+
+    state: SandboxState
+    _id: str
+    _ended: SandboxEnd | None
+    _watcher: asyncio.Task[None] | None
+
+    async def _launch(self) -> None:
+        raise NotImplementedError
+
+    async def _teardown(self) -> list[BaseException]:
+        raise NotImplementedError
+
+    async def wait_ended(self) -> SandboxEnd:
+        """Wait until the sandbox stops on its own and say why."""
+        if self._watcher is not None:
+            await asyncio.shield(self._watcher)
+        if self._ended is None:
+            raise SandboxStateError(f"sandbox {self._id} is {self.state.value}, not running")
+        return self._ended
+
+    async def start(self) -> None:
+        """Set everything up and return once the runner answers."""
+        self._require(SandboxState.CREATED, "start")
+        self.state = SandboxState.STARTING
+        try:
+            await self._launch()
+        except BaseException:
+            await uncancellable(self._teardown_quietly())
+            self.state = SandboxState.FAILED
+            raise
+        self.state = SandboxState.READY
+
+    async def destroy(self) -> None:
+        """Kill the sandbox and remove every trace. Idempotent; survives cancellation."""
+        if self.state in (SandboxState.DESTROYED, SandboxState.CREATED):
+            return
+        await uncancellable(self._destroy())
+
+    async def _destroy(self) -> None:
+        self.state = SandboxState.DESTROYING
+        failures = await self._teardown()
+        if failures:
+            self.state = SandboxState.FAILED
+            raise SandboxError(
+                f"sandbox {self._id} was not fully destroyed ({failures[0]}); "
+                "`forgehand sandbox gc` removes what is left once this process has ended"
+            ) from failures[0]
+        self.state = SandboxState.DESTROYED
+
+    async def _teardown_quietly(self) -> None:
+        await self._teardown()
+
+    def _require(self, state: SandboxState, action: str) -> None:
+        if self.state is not state:
+            why = f" ({self._ended.detail})" if self._ended else ""
+            raise SandboxStateError(
+                f"cannot {action} sandbox {self._id}: it is {self.state.value}{why}"
+            )
