@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import textwrap
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +67,80 @@ def work(tmp_path: Path) -> Path:
 def builtin(work: Path) -> BuiltinCaller:
     """Call built-in steps in ``work``."""
     return BuiltinCaller(work)
+
+
+class GitServer:
+    """``git daemon`` on loopback serving the repositories made with ``add``."""
+
+    def __init__(self, base: Path, url: str, process: subprocess.Popen[bytes]) -> None:
+        self.base = base
+        self.url = url
+        self.process = process
+
+    def add(self, name: str, files: dict[str, str], tag: str = "v1") -> str:
+        """A repository ``name`` holding ``files`` (dedented), tagged ``tag``; its URL."""
+        repo = self.base / name
+        for relative, text in files.items():
+            path = repo / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(textwrap.dedent(text).lstrip("\n"))
+        git = ["git", "-C", str(repo), "-c", "user.name=T", "-c", "user.email=t@example.com"]
+        subprocess.run(["git", "init", "-q", str(repo)], check=True)
+        subprocess.run([*git, "add", "-A"], check=True)
+        subprocess.run([*git, "commit", "-qm", "steps"], check=True)
+        subprocess.run([*git, "tag", tag], check=True)
+        return f"{self.url}/{name}"
+
+    def stop(self) -> None:
+        """Stop serving (to show that later runs do not fetch)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
+    for _ in range(500):
+        if process.poll() is not None:
+            raise RuntimeError(f"git daemon exited with {process.returncode}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    raise RuntimeError("git daemon did not listen within 10 s")
+
+
+@pytest.fixture
+def git_server(tmp_path: Path) -> Iterator[GitServer]:
+    """A git daemon on 127.0.0.1 (the git:// wire protocol), stopped afterwards."""
+    base = tmp_path / "served"
+    base.mkdir()
+    port = _free_port()
+    process = subprocess.Popen(
+        [
+            "git",
+            "daemon",
+            "--reuseaddr",
+            "--export-all",
+            "--informative-errors",
+            f"--base-path={base}",
+            "--listen=127.0.0.1",
+            f"--port={port}",
+            str(base),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = GitServer(base, f"git://127.0.0.1:{port}", process)
+    try:
+        _wait_listening(port, process)
+        yield server
+    finally:
+        server.stop()

@@ -126,9 +126,9 @@ def test_run_relative_file_and_failure(tmp_path: Path) -> None:
 
 
 def test_run_usage_errors(tmp_path: Path) -> None:
-    git_ref = _forgehand("run", "https://example.invalid/steps@v1", "--sandbox", "bwrap")
-    assert git_ref.returncode == 2
-    assert "fetched on the trusted side" in git_ref.stderr
+    unreachable = _forgehand("run", "git://127.0.0.1:9/steps@v1", "--sandbox", "bwrap")
+    assert unreachable.returncode == 1
+    assert "cannot fetch git://127.0.0.1:9/steps@v1" in unreachable.stderr
     bad_input = _forgehand("run", "builtin://run", "-i", "novalue")
     assert bad_input.returncode == 2
     assert "--input takes NAME=VALUE" in bad_input.stderr

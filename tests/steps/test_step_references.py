@@ -183,7 +183,7 @@ def bare_repo(tmp_path: Path) -> tuple[Path, str]:
 @needs_git
 async def test_git_fetcher_tag_and_cache(tmp_path: Path, bare_repo: tuple[Path, str]) -> None:
     bare, _ = bare_repo
-    fetcher = GitFetcher(tmp_path / "cache")
+    fetcher = GitFetcher(tmp_path / "cache", local=True)
     first = await fetcher.fetch(f"file://{bare}", "v1")
     assert "exec:\n  command: [echo]" in (first / "step.yml").read_text()
     assert await fetcher.fetch(f"file://{bare}", "v1") == first
@@ -195,7 +195,7 @@ async def test_git_fetcher_tag_and_cache(tmp_path: Path, bare_repo: tuple[Path, 
 @needs_git
 async def test_git_fetcher_commit_sha(tmp_path: Path, bare_repo: tuple[Path, str]) -> None:
     bare, sha = bare_repo
-    checkout = await GitFetcher(tmp_path / "cache").fetch(f"file://{bare}", sha)
+    checkout = await GitFetcher(tmp_path / "cache", local=True).fetch(f"file://{bare}", sha)
     assert "[echo]" in (checkout / "step.yml").read_text()
 
 
@@ -203,11 +203,11 @@ async def test_git_fetcher_commit_sha(tmp_path: Path, bare_repo: tuple[Path, str
 async def test_git_fetcher_unknown_rev(tmp_path: Path, bare_repo: tuple[Path, str]) -> None:
     bare, _ = bare_repo
     with pytest.raises(FetchError, match="failed"):
-        await GitFetcher(tmp_path / "cache").fetch(f"file://{bare}", "no-such-tag")
+        await GitFetcher(tmp_path / "cache", local=True).fetch(f"file://{bare}", "no-such-tag")
 
 
 async def test_git_fetcher_without_git(tmp_path: Path) -> None:
-    fetcher = GitFetcher(tmp_path / "cache", git="/nonexistent/git")
+    fetcher = GitFetcher(tmp_path / "cache", git="/nonexistent/git", local=True)
     with pytest.raises(FetchError, match="install git"):
         await fetcher.fetch("file:///x.git", "v1")
 
@@ -233,7 +233,7 @@ async def test_git_reference_resolves_and_checks(
             script: echo ${{{{ steps.echo.outputs.said }}}} ${{{{ steps.root.outputs.out }}}}
         """,
     )
-    fetcher = GitFetcher(tmp_path / "cache")
+    fetcher = GitFetcher(tmp_path / "cache", local=True)
     resolved = await Resolver(fetcher=fetcher).resolve(main)
     echo = resolved.children["echo"]
     assert echo is not None

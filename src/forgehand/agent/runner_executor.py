@@ -90,9 +90,11 @@ class RunnerToolExecutor:
         env: Mapping[str, str] | None = None,
         settings: RunSettings | None = None,
         step_refs: Mapping[str, str] | None = None,
+        step_cache_dir: str = "",
     ) -> None:
         self.client = client
         self.step_refs = dict(step_refs or {})  # tool name -> step reference
+        self.step_cache_dir = step_cache_dir  # git steps the trusted side staged, if any
         self.work_dir = posixpath.normpath(work_dir)
         self._tools = [
             t if isinstance(t, ToolSpec) else ToolSpec.model_validate(t) for t in tool_defs
@@ -167,6 +169,7 @@ class RunnerToolExecutor:
             step=ref,
             step_inputs=arguments,
             step_work_dir=self.work_dir,
+            step_cache_dir=self.step_cache_dir,
             cwd=self.work_dir,
             env=self.env,
             timeout_seconds=self.settings.default_timeout_s,

@@ -36,7 +36,7 @@ from forgehand.agent.errors import ModelConfigError
 from forgehand.agent.loop import Agent, AgentResult, AgentSettings
 from forgehand.agent.prompt import Task, build_prompt
 from forgehand.agent.providers import build_provider
-from forgehand.agent.step_tools import repository_executor
+from forgehand.agent.step_tools import STEP_CACHE, repository_executor
 from forgehand.agent.trajectory import Trajectory
 from forgehand.agent.workspace import (
     GitError,
@@ -102,8 +102,13 @@ async def _run_loop(
     trajectory: Path,
 ) -> AgentResult:
     check_env(space.env, secrets)
+    # `_checkout` put the repository in `repo/` of the work dir: its parent is free.
+    step_cache = (
+        space.host_dir.parent / STEP_CACHE,
+        posixpath.join(posixpath.dirname(space.sandbox_dir), STEP_CACHE),
+    )
     executor, problems = await repository_executor(
-        space.client, space.host_dir, space.sandbox_dir, space.env
+        space.client, space.host_dir, space.sandbox_dir, space.env, step_cache=step_cache
     )
     for problem in problems:
         print(f"forgehand agent: skipped a repository step: {problem}", file=sys.stderr)

@@ -52,8 +52,9 @@ def register(commands: Any) -> None:
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(base) / "forgehand" / "steps"
+    from forgehand.steps.prefetch import default_cache_dir
+
+    return default_cache_dir()
 
 
 # --- check ------------------------------------------------------------------------------
@@ -65,7 +66,7 @@ def _check(args: argparse.Namespace) -> int:
     from forgehand.steps.references import GitFetcher
 
     diagnostics = check_files(
-        args.files, fetcher=GitFetcher(_cache_dir()), builtins=BuiltinCatalog()
+        args.files, fetcher=GitFetcher(_cache_dir(), local=True), builtins=BuiltinCatalog()
     )
     for diagnostic in diagnostics:
         print(diagnostic)
@@ -157,14 +158,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"forgehand: --work-dir {args.work_dir} is not a directory", file=sys.stderr)
         return EXIT_USAGE
     if args.sandbox != "none":
-        from forgehand.cli.steps_sandboxed import refused_reference, run_in_sandbox
+        from forgehand.cli.steps_sandboxed import run_in_sandbox
 
-        ref = _ref(args.ref)
-        refusal = refused_reference(ref)
-        if refusal is not None:
-            print(f"forgehand: {refusal}", file=sys.stderr)
-            return EXIT_USAGE
-        return asyncio.run(run_in_sandbox(args.sandbox, ref, inputs, args.work_dir))
+        return asyncio.run(run_in_sandbox(args.sandbox, _ref(args.ref), inputs, args.work_dir))
     return asyncio.run(_execute(_ref(args.ref), inputs, args.work_dir))
 
 

@@ -582,8 +582,9 @@ def _validate_work(request: pb.StartRequest) -> None:
 def _validate_step(step: pb.StepCall) -> None:
     if not step.ref or "\0" in step.ref or len(step.ref) > 4096:
         raise errors.InvalidArgument("step.ref must name a step (builtin://NAME, a path, URL@REV)")
-    if step.work_dir and not os.path.isabs(step.work_dir):
-        raise errors.InvalidArgument(f"step.work_dir must be absolute, got {step.work_dir!r}")
+    for name, value in (("work_dir", step.work_dir), ("cache_dir", step.cache_dir)):
+        if value and (not os.path.isabs(value) or "\0" in value):
+            raise errors.InvalidArgument(f"step.{name} must be absolute, got {value!r}")
     try:
         inputs = json.loads(step.inputs_json or "{}")
     except ValueError:

@@ -426,7 +426,8 @@ class Keeper:
             "inputs": json.loads(step.inputs_json or "{}"),
             "env": env,
             "work_dir": step.work_dir or request.cwd or (self.settings.roots or ("/",))[0],
-            "cache_dir": str(self.state_dir / "step-cache"),
+            "cache_dir": step.cache_dir or str(self.state_dir / "step-cache"),
+            "prefetched": bool(step.cache_dir),
             "roots": list(self.settings.roots),
         }
         return json.dumps(body).encode()

@@ -191,6 +191,9 @@ class RunSpec:
     """A step reference (builtin://NAME, a step file path, URL@REV); runs the step engine."""
     step_inputs: dict[str, Any] = field(default_factory=dict)
     step_work_dir: str = ""
+    step_cache_dir: str = ""
+    """Where the trusted side staged the git steps the step references (see
+    ``forgehand.steps.prefetch``); empty: the runner fetches them itself."""
     cwd: str = ""
     env: dict[str, str] = field(default_factory=dict)
     stdin: bool = False
@@ -220,6 +223,7 @@ class RunSpec:
             request.step.ref = self.step
             request.step.inputs_json = json.dumps(self.step_inputs)
             request.step.work_dir = self.step_work_dir
+            request.step.cache_dir = self.step_cache_dir
         elif self.script:
             request.script.source = self.script
             request.script.interpreter = self.interpreter

@@ -38,7 +38,6 @@ from forgehand.steps.evaluation import (
     sequence_outputs,
 )
 from forgehand.steps.expressions import ExprContext
-from forgehand.steps.loader import parse_reference_text
 from forgehand.steps.masking import Masker, StreamMasker, sensitive_values
 from forgehand.steps.model import RunItem, Spec, StepFile
 from forgehand.steps.outputs import (
@@ -49,7 +48,14 @@ from forgehand.steps.outputs import (
     step_environment,
 )
 from forgehand.steps.process import Stream, run_streaming, shell_argv
-from forgehand.steps.references import GitFetcher, ResolvedStep, Resolver, StepFetcher
+from forgehand.steps.references import (
+    CachedCheckouts,
+    GitFetcher,
+    ResolvedStep,
+    Resolver,
+    StepFetcher,
+    request_reference,
+)
 from forgehand.steps.results import StepResult, StepStatus
 
 Path_ = tuple[str, ...]
@@ -205,7 +211,7 @@ class StepEngine:
         self.run_env = dict(env or {})
         self.process_env = dict(os.environ if process_env is None else process_env)
         if fetcher is None and cache_dir is not None:
-            fetcher = GitFetcher(Path(cache_dir))
+            fetcher = GitFetcher(Path(cache_dir), local=True)
         self.resolver = Resolver(fetcher=fetcher, builtins=BuiltinCatalog())
         self.exports: dict[str, str] = {}
         self._secrets = _Secrets()
@@ -215,9 +221,7 @@ class StepEngine:
     async def resolve(self, ref: str) -> ResolvedStep:
         """Resolve a reference; a relative path is taken relative to the work dir."""
         pos = Position("<request>", 1, 1)
-        if not ref.startswith(("builtin://", "/", ".")) and "@" not in ref:
-            ref = "./" + ref
-        parsed = parse_reference_text(ref, pos)
+        parsed = request_reference(ref, pos)
         return await self.resolver.resolve_reference(parsed, Path(self.work_dir), pos)
 
     async def run(self, ref: str, inputs: Mapping[str, Any] | None = None) -> StepResult:
@@ -482,7 +486,7 @@ EXIT_SUCCEEDED = 0
 EXIT_FAILED = 1
 EXIT_BAD_REQUEST = 2
 EVENTS_FD = 3
-_REQUEST_KEYS = {"ref", "inputs", "env", "work_dir", "cache_dir", "roots"}
+_REQUEST_KEYS = {"ref", "inputs", "env", "work_dir", "cache_dir", "prefetched", "roots"}
 
 
 class BadRequest(Exception):
@@ -498,6 +502,9 @@ class StepRequest:
     inputs: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     cache_dir: str | None = None
+    prefetched: bool = False
+    """``cache_dir`` holds every git step the run needs, fetched by the trusted side: look
+    checkouts up there, never fetch."""
     roots: tuple[str, ...] = ()
 
     @classmethod
@@ -518,6 +525,7 @@ class StepRequest:
             inputs=_object(raw, "inputs"),
             env=_string_map(raw),
             cache_dir=_optional_absolute(raw.get("cache_dir"), "cache_dir"),
+            prefetched=_flag(raw, "prefetched"),
             roots=tuple(_absolute_dir(r, "each root") for r in _list(raw, "roots")),
         )
 
@@ -540,6 +548,13 @@ def _list(raw: Mapping[str, Any], key: str) -> list[Any]:
     value = raw.get(key, [])
     if not isinstance(value, list):
         raise BadRequest(f"{key} must be a JSON array")
+    return value
+
+
+def _flag(raw: Mapping[str, Any], key: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f"{key} must be true or false")
     return value
 
 
@@ -605,12 +620,14 @@ def _fd_open(fd: int) -> bool:
 
 
 async def _serve(request: StepRequest, sink: StepSink) -> StepResult:
+    cache_dir = request.cache_dir or os.path.join(tempfile.gettempdir(), "forgehand-steps")
     engine = StepEngine(
         work_dir=request.work_dir,
         sink=sink,
-        cache_dir=request.cache_dir or os.path.join(tempfile.gettempdir(), "forgehand-steps"),
+        cache_dir=cache_dir,
         roots=request.roots,
         env=request.env,
+        fetcher=CachedCheckouts(Path(cache_dir)) if request.prefetched else None,
     )
     task = asyncio.current_task()
     assert task is not None
@@ -628,9 +645,11 @@ def main() -> int:
     """Run one step request from stdin.
 
     In: one JSON object on stdin, ``{"ref", "inputs", "env", "work_dir", "cache_dir",
-    "roots"}`` (only ``ref`` and ``work_dir`` required). Out: the step's process output on
-    fds 1 and 2, byte for byte (secrets masked); events as JSON lines on fd 3 when it is
-    open, the last one ``{"type": "result", "result": <StepResult as JSON object>}``.
+    "prefetched", "roots"}`` (only ``ref`` and ``work_dir`` required; ``prefetched`` true
+    means ``cache_dir`` already holds every git step and nothing is fetched). Out: the
+    step's process output on fds 1 and 2, byte for byte (secrets masked); events as JSON
+    lines on fd 3 when it is open, the last one ``{"type": "result", "result":
+    <StepResult as JSON object>}``.
     Exit code 0 when the step succeeded, 1 when it failed or was cancelled, 2 for a bad
     request (with the reason on stderr).
     """

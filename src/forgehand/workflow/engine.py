@@ -380,7 +380,11 @@ class Workflow:
         guard = run.out(Phase.GUARD)
         # The checkout is the default branch's head: repository steps are read from there.
         executor, problems = await repository_executor(
-            session.client, session.repo_host, session.repo_dir, session.space.env
+            session.client,
+            session.repo_host,
+            session.repo_dir,
+            session.space.env,
+            step_cache=session.step_cache,
         )
         for problem in problems:
             self.progress.note(f"skipped a repository step: {problem}")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from forgehand.agent.step_tools import STEP_CACHE
 from forgehand.agent.workspace import GitError
 from forgehand.agent.workspaces import Workspace, give_to_owner_of, open_workspace, scratch_dir
 from forgehand.runner.model import RunSpec
@@ -44,6 +45,15 @@ class Session:
     @property
     def repo_dir(self) -> str:
         return posixpath.join(self.space.sandbox_dir, "repo")
+
+    @property
+    def step_cache(self) -> tuple[Path, str]:
+        """Where the git steps of repository tools are staged, as host and sandbox see it
+        (beside the checkout, so never part of its diff)."""
+        return (
+            self.space.host_dir / STEP_CACHE,
+            posixpath.join(self.space.sandbox_dir, STEP_CACHE),
+        )
 
     @property
     def client(self) -> Any:

@@ -274,22 +274,29 @@ class StepCall(_message.Message):
     REF_FIELD_NUMBER: _builtins.int
     INPUTS_JSON_FIELD_NUMBER: _builtins.int
     WORK_DIR_FIELD_NUMBER: _builtins.int
+    CACHE_DIR_FIELD_NUMBER: _builtins.int
     ref: _builtins.str
     """builtin://NAME, a path to a step file or directory, or URL@REV"""
     inputs_json: _builtins.str
     """a JSON object of the step's inputs"""
     work_dir: _builtins.str
     """absolute; empty = the request's cwd, else the first root"""
+    cache_dir: _builtins.str
+    """absolute; a directory holding the git steps this run references, fetched by the
+    trusted side (the engine looks checkouts up there and never fetches); empty = the
+    runner's own cache, which it fills by fetching
+    """
     def __init__(
         self,
         *,
         ref: _builtins.str = ...,
         inputs_json: _builtins.str = ...,
         work_dir: _builtins.str = ...,
+        cache_dir: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs_json", b"inputs_json", "ref", b"ref", "work_dir", b"work_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_dir", b"cache_dir", "inputs_json", b"inputs_json", "ref", b"ref", "work_dir", b"work_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
