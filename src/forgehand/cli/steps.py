@@ -51,23 +51,17 @@ def register(commands: Any) -> None:
     run.set_defaults(handler=_run)
 
 
-def _cache_dir() -> Path:
-    from forgehand.steps.prefetch import default_cache_dir
-
-    return default_cache_dir()
-
-
 # --- check ------------------------------------------------------------------------------
 
 
 def _check(args: argparse.Namespace) -> int:
     from forgehand.steps.builtins import BuiltinCatalog
     from forgehand.steps.checker import check_files
+    from forgehand.steps.prefetch import default_cache_dir
     from forgehand.steps.references import GitFetcher
 
-    diagnostics = check_files(
-        args.files, fetcher=GitFetcher(_cache_dir(), local=True), builtins=BuiltinCatalog()
-    )
+    fetcher = GitFetcher(default_cache_dir(), local=True)
+    diagnostics = check_files(args.files, fetcher=fetcher, builtins=BuiltinCatalog())
     for diagnostic in diagnostics:
         print(diagnostic)
     return EXIT_FAILED if diagnostics else 0
@@ -166,12 +160,13 @@ def _run(args: argparse.Namespace) -> int:
 
 async def _execute(ref: str, inputs: dict[str, Any], work_dir: Path) -> int:
     from forgehand.steps.engine import StepEngine
+    from forgehand.steps.prefetch import default_cache_dir
     from forgehand.steps.results import StepStatus
 
     engine = StepEngine(
         work_dir=work_dir,
         sink=_ConsoleSink(),
-        cache_dir=_cache_dir() if os.environ.get("HOME") else tempfile.gettempdir(),
+        cache_dir=default_cache_dir() if os.environ.get("HOME") else tempfile.gettempdir(),
     )
     result = await engine.run(ref, inputs)
     sys.stdout.flush()

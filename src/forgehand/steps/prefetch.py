@@ -14,7 +14,6 @@ outside it.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 from collections.abc import Iterable
@@ -72,14 +71,3 @@ def stage(checkouts: Iterable[Path], into: Path) -> None:
             dirs_exist_ok=True,
             ignore=shutil.ignore_patterns(".git"),
         )
-
-
-async def prefetch_into(
-    refs: Iterable[str], base: Path, into: Path, *, cache: Path | None = None
-) -> None:
-    """``prefetch`` each of ``refs`` and ``stage`` what they use into ``into``."""
-    checkouts: set[Path] = set()
-    for ref in refs:
-        checkouts.update(await prefetch(ref, base, cache or default_cache_dir()))
-    if checkouts:
-        await asyncio.to_thread(stage, checkouts, into)
