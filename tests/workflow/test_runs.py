@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from forgehand.agent.budget import Budgets
-from forgehand.forge.base import AccessLevel, ForgeKind, IssueState, ProjectRef
+from forgehand.forge.base import AccessLevel, Comment, ForgeKind, IssueState, ProjectRef
 from forgehand.forge.local import LocalForge, create_issue, init_repo
 from forgehand.workflow.app import Home
 from forgehand.workflow.model import ClaimKind, Outcome, Phase, RunRecord, RunStatus
@@ -194,6 +194,34 @@ async def test_interrupted_run_resumes_from_its_last_phase(
     assert served == (0 if phase is Phase.BASELINE else 7)
     assert len(await scenario.forge.list_merge_requests()) == 1
     assert len(await scenario.store().list_runs()) == 1
+
+
+class CommentThenCrash(LocalForge):
+    """A forge where the service dies right after its first comment was posted."""
+
+    crashed = False
+
+    async def add_comment(self, number: int, body: str, *, author: str | None = None) -> Comment:
+        comment = await super().add_comment(number, body)
+        if not self.crashed:
+            self.crashed = True
+            raise Crash("after commenting")
+        return comment
+
+
+async def test_a_report_posted_before_a_crash_is_not_posted_again(scenario: Scenario) -> None:
+    forge = CommentThenCrash(scenario.home.local_forge(), scenario.ref.project)
+    async with scenario.workflow(forge=forge) as (workflow, _):
+        with pytest.raises(Crash):
+            await workflow.solve(scenario.ref)
+    (interrupted,) = await scenario.store().list_runs()
+    assert interrupted.next_phase() is Phase.REPORT
+    dead = scenario.store(alive=lambda owner: False)
+    async with scenario.workflow(scripted(), forge=forge, store=dead) as (workflow, _):
+        record = await workflow.solve(scenario.ref)
+    assert record.outcome is Outcome.DONE, record.message
+    reports = [b for b in await bot_comments(scenario) if "opened a draft merge request" in b]
+    assert len(reports) == 1
 
 
 async def test_simultaneous_triggers_start_one_run(scenario: Scenario) -> None:

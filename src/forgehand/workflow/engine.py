@@ -595,9 +595,16 @@ class Workflow:
         }
 
     async def _report(self, run: _Run) -> Output:
+        marker = texts.report_marker(run.run_id)
+        for earlier in await self.forge.list_comments(run.ref.number):
+            if marker in earlier.body:  # posted before an interruption: do not post twice
+                return {"comment_id": earlier.id, "detail": "had commented on the issue"}
         verification = Verification.model_validate(run.out(Phase.VERIFY)["verification"])
         body = texts.success_comment(
-            run.out(Phase.PUBLISH)["mr_url"], verification, run.out(Phase.AGENT)["cost"]
+            run.out(Phase.PUBLISH)["mr_url"],
+            verification,
+            run.out(Phase.AGENT)["cost"],
+            run.run_id,
         )
         comment = await self.forge.add_comment(run.ref.number, body)
         return {"comment_id": comment.id, "detail": "commented on the issue"}

@@ -98,10 +98,16 @@ def mr_description(
     )
 
 
-def success_comment(mr_url: str, verification: Verification, cost: str) -> str:
+def report_marker(run_id: str) -> str:
+    """An invisible tag in a run's report comment, so a resumed run finds its own report
+    instead of posting a second one."""
+    return f"<!-- forgehand report {run_id} -->"
+
+
+def success_comment(mr_url: str, verification: Verification, cost: str, run_id: str) -> str:
     return (
         f"forgehand opened a draft merge request: {mr_url}\n\n"
-        f"Outcome: done — {verification.summary}.\nCost: {cost}."
+        f"Outcome: done — {verification.summary}.\nCost: {cost}.\n\n{report_marker(run_id)}"
     )
 
 
