@@ -20,7 +20,7 @@ import pytest
 
 from forgehand.runner import errors as runner_errors
 from forgehand.runner.model import ExitReason, RunSpec
-from forgehand.sandbox import cgroups
+from forgehand.sandbox import cgroups, procs
 from forgehand.sandbox.backend import BACKENDS
 from forgehand.sandbox.errors import IsolationUnavailable
 from forgehand.sandbox.gvisor import GVisorBackend, GVisorConfig, SandboxState, check_host
@@ -224,6 +224,29 @@ async def test_nothing_is_left_afterwards(base: Path) -> None:
     assert not is_mount_point(base / "work")
     assert not (base / "work").exists()
     assert sandbox.state is SandboxState.DESTROYED
+
+
+async def test_destroy_leaves_no_process_and_no_zombie(base: Path) -> None:
+    """runsc daemonizes its sandbox and gofer; our subreaper must reap them and the systrap
+    stubs, or each sandbox leaves zombies under PID 1 (which never reaps here)."""
+    since = max(info.start_ticks for info in procs.snapshot().values())
+    members: dict[int, int] = {}
+    for _ in range(3):
+        async with GVisorBackend().create(make_spec(base)) as sandbox:
+            assert (await sandbox.client.run(sh("true"))).exit.ok
+            pids = await sandbox.member_pids()
+            table = procs.snapshot()
+            assert {"exe", "runsc"} <= {table[p].comm for p in pids if p in table}
+            members |= {p: table[p].start_ticks for p in pids if p in table}
+    assert len(members) >= 3 * 5  # subreaper, sandbox, gofer, stubs, exec channel, wait
+    still = [procs.read_process(pid) for pid in members]
+    assert [i for i in still if i is not None and i.start_ticks == members[i.pid]] == []
+    zombies = [
+        info
+        for info in procs.snapshot().values()
+        if info.state == "Z" and info.comm in ("exe", "runsc") and info.start_ticks > since
+    ]
+    assert zombies == []
 
 
 CRASHING_OWNER = """

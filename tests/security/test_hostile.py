@@ -271,10 +271,21 @@ async def host_service() -> AsyncIterator[int]:
     assert hits == []
 
 
-async def test_no_network_reaches_nothing(box: Box, host_service: int) -> None:
-    # 169.254.169.254 is only tried from inside the sandbox's empty network namespace.
+NETWORKS = {
+    "none": {"mode": "none"},
+    "proxy": {"mode": "proxy", "allow_hosts": ["pypi.org"]},
+}
+
+
+@pytest.mark.parametrize("network", sorted(NETWORKS))
+async def test_no_network_reaches_nothing(
+    open_box: OpenBox, host_service: int, network: str
+) -> None:
+    # 169.254.169.254 is only tried from inside the sandbox's own network namespace, which
+    # with policy proxy too has nothing but loopback (the forwarder listens there).
     targets = [f"127.0.0.1:{host_service}", "169.254.169.254:80", "192.0.2.1:443"]
-    out = await box.probe(CONNECT, *targets)
+    async with open_box(resolver=RecordingResolver(), network=NETWORKS[network]) as box:
+        out = await box.probe(CONNECT, *targets)
     assert out[f"127.0.0.1:{host_service}"] == "ECONNREFUSED"
     assert out["169.254.169.254:80"] in ("ENETUNREACH", "EHOSTUNREACH")
     assert out["192.0.2.1:443"] in ("ENETUNREACH", "EHOSTUNREACH")

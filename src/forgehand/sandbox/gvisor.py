@@ -8,7 +8,14 @@
 The host reaches the runner through ``runsc exec … forgehand-runner proxy`` (an exec
 channel: no socket the sandbox could swap for a symlink). Host side, under
 ``<state_dir>/<sandbox-id>/``: ``record.json`` (the registry), ``bundle/`` (config.json
-and the read-only rootfs, see ``forgehand.sandbox.rootfs``) and ``runner.log``.
+and the read-only rootfs, see ``forgehand.sandbox.rootfs``), ``runner.log`` and, with
+``network: proxy``, ``egress/`` (the proxy's socket, mounted at
+``/opt/forgehand/egress.sock``, and its decision log, mounted read-only at
+``runs.EGRESS_LOG``; runsc runs with ``--network none --host-uds=open``).
+
+``runsc run --detach`` daemonizes the sandbox and gofer processes; it runs under a
+``subreaper`` of ours, which reaps them and gVisor's systrap stubs when the sandbox is
+deleted (PID 1 does not reap orphans on every machine). ``destroy`` waits for it.
 
 Limits: the sandbox runs in our own cgroup ``forgehand/<id>.<owner>`` (runsc joins an
 existing group and leaves its limits alone). gVisor ends the *whole* sandbox when the
@@ -28,6 +35,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -40,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from forgehand.runner import errors as runner_errors
 from forgehand.runner.client import RunnerClient
 from forgehand.runner.model import ExitReason, RunResult, RunSpec
-from forgehand.sandbox import cgroups, rootfs
+from forgehand.sandbox import cgroups, procs, rootfs, subreaper
 from forgehand.sandbox.backend import (
     ISOLATION_RANK,
     Achieved,
@@ -49,7 +57,7 @@ from forgehand.sandbox.backend import (
     register_backend,
 )
 from forgehand.sandbox.cgroups import CgroupGroup, Controller
-from forgehand.sandbox.egress import EgressProxy
+from forgehand.sandbox.egress import EgressProxy, Resolver
 from forgehand.sandbox.errors import (
     BackendUnavailable,
     IsolationUnavailable,
@@ -117,6 +125,13 @@ class GVisorConfig(BaseModel):
     """Passed to the egress proxy (see ``EgressConfig``)."""
     allow_loopback_for_tests: bool = False
     """TESTING ONLY: lets the egress proxy reach loopback servers."""
+    reap_timeout_seconds: float = Field(default=10.0, gt=0)
+    """How long destroy waits for the sandbox's processes to be reaped after deletion."""
+
+
+def subreaper_argv(command: list[str]) -> list[str]:
+    """``command`` run under ``forgehand.sandbox.subreaper`` (a script: stdlib only)."""
+    return [sys.executable, "-I", "-S", str(Path(subreaper.__file__)), *command]
 
 
 def runsc_release(runsc: str) -> tuple[str, int | None]:
@@ -181,7 +196,7 @@ def _tmpfs(target: str, size: int, mode: str) -> dict[str, Any]:
 
 
 def oci_mounts(
-    spec: SandboxSpec, config: GVisorConfig, egress: Path | None
+    spec: SandboxSpec, config: GVisorConfig, egress: EgressProxy | None
 ) -> list[dict[str, Any]]:
     """The bundle's mounts: system, runner, scratch, work dir, extra and egress."""
     mounts: list[dict[str, Any]] = [
@@ -195,12 +210,12 @@ def oci_mounts(
     mounts.append(_bind(spec.work_dir.host_path, spec.work_dir.sandbox_path, writable=True))
     mounts += [_bind(m.source, m.destination) for m in spec.ro_mounts]
     if egress is not None:
-        mounts.append(_bind(egress, rootfs.EGRESS_SOCKET, writable=True))
+        mounts += [_bind(src, dst, writable=w) for src, dst, w in rootfs.egress_mounts(egress)]
     return mounts
 
 
 def oci_config(
-    spec: SandboxSpec, config: GVisorConfig, cgroup_path: str, egress: Path | None
+    spec: SandboxSpec, config: GVisorConfig, cgroup_path: str, egress: EgressProxy | None
 ) -> dict[str, Any]:
     """The bundle's config.json: the runner as an unprivileged user, no capabilities."""
     env = rootfs.runner_env(spec)
@@ -229,9 +244,12 @@ def oci_config(
 class GVisorSandbox(rootfs.ManagedSandbox):
     """One running gVisor sandbox with its runner (the ``Sandbox`` Protocol)."""
 
-    def __init__(self, spec: SandboxSpec, config: GVisorConfig) -> None:
+    def __init__(
+        self, spec: SandboxSpec, config: GVisorConfig, *, resolver: Resolver | None = None
+    ) -> None:
         self.spec = spec
         self.config = config
+        self._resolver = resolver
         self.state = SandboxState.CREATED
         self._id = f"forgehand-{uuid.uuid4().hex[:12]}"
         self._registry = Registry(config.state_dir)
@@ -246,6 +264,7 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         self._started = False
         self._pids_events_before = 0
         self._watcher: asyncio.Task[None] | None = None
+        self._reaper: asyncio.subprocess.Process | None = None
         self._expired = False
         self.host_pids_max = 0
         """The host pids limit really set: gVisor's overhead + ``pids_per_task`` x pids."""
@@ -301,6 +320,19 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         self._require(SandboxState.READY, "run in")
         return await self._client.run(self.run_spec(argv, **fields))
 
+    async def member_pids(self) -> set[int]:
+        """Every host process that exists because of this sandbox: the subreaper and what
+        it holds (runsc's sandbox, gofer and systrap stub processes), and this process's
+        runsc helpers for it (the exec channels of the runner client, ``runsc wait``)."""
+        return await asyncio.to_thread(self._member_pids)
+
+    def _member_pids(self) -> set[int]:
+        table = procs.snapshot()
+        roots = procs.children_mentioning(self._id, table)
+        if self._reaper is not None:
+            roots.add(self._reaper.pid)
+        return procs.descendants(roots, table)
+
     async def oom_killed(self) -> bool:
         """Whether the kernel's OOM killer struck in this sandbox's cgroup. It usually ends
         the whole sandbox (``ended.reason`` is ``oom``); when it picks a gVisor stub process
@@ -318,7 +350,9 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         await rootfs.mount_work_dir(self.work_dir, self.spec.work_dir_bytes)
         self._work_mounted = True
         if isinstance(self.spec.network, ProxyNetwork):
-            self._proxy = await rootfs.start_egress(self._dir, self.spec.network, self.config)
+            self._proxy = await rootfs.start_egress(
+                self._dir, self.spec.network, self.config, self._resolver
+            )
         await asyncio.to_thread(self._write_bundle)
         await self._run_sandbox()
         await self._wait_ready()
@@ -343,8 +377,8 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         bundle = self._dir / "bundle"
         bundle.mkdir(mode=0o711)
         rootfs.prepare_rootfs(bundle / "rootfs", self.spec, mount_points(self.spec))
-        egress = self._proxy.socket_path if self._proxy is not None else None
-        config = oci_config(self.spec, self.config, f"/{cgroups.PARENT}/{self._group.name}", egress)
+        cgroup_path = f"/{cgroups.PARENT}/{self._group.name}"
+        config = oci_config(self.spec, self.config, cgroup_path, self._proxy)
         (bundle / "config.json").write_text(json.dumps(config, indent=1))
 
     def _runsc(self, *arguments: str) -> list[str]:
@@ -362,18 +396,27 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         return [*base, *flags, self._id, *command]
 
     async def _run_sandbox(self) -> None:
+        """``runsc run --detach`` under our subreaper, which stays the parent of the
+        sandbox, gofer and stub processes and reaps them (see ``subreaper``)."""
         log = await asyncio.to_thread(_open_log, self._dir / "runner.log")
         try:
             argv = self._runsc("run", "--detach", "--bundle", str(self._dir / "bundle"), self._id)
-            process = await asyncio.create_subprocess_exec(
-                *argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            self._reaper = await asyncio.create_subprocess_exec(
+                *subreaper_argv(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                start_new_session=True,
             )
             self._started = True
-            code = await process.wait()
         finally:
             os.close(log)
-        if code != 0:
-            raise await self._launch_error(f"`runsc run` failed with status {code}")
+        assert self._reaper.stdout is not None
+        line = await self._reaper.stdout.readline()
+        if not line.strip().lstrip(b"-").isdigit():
+            raise await self._launch_error("the subreaper running `runsc run` failed")
+        if int(line) != 0:
+            raise await self._launch_error(f"`runsc run` failed with status {int(line)}")
 
     async def _wait_ready(self) -> None:
         deadline = _now() + self.config.ready_timeout_seconds
@@ -466,6 +509,7 @@ class GVisorSandbox(rootfs.ManagedSandbox):
             self._stop_watcher,
             self._client.close,
             self._delete_sandbox,
+            self._await_reaper,
             self._remove_cgroup,
             self._unmount_work,
             self._stop_proxy,
@@ -489,6 +533,23 @@ class GVisorSandbox(rootfs.ManagedSandbox):
     async def _delete_sandbox(self) -> None:
         if self._started:
             await delete_runsc(self.config, self._id)
+
+    async def _await_reaper(self) -> None:
+        """Once the sandbox is deleted, its subreaper has reaped everything and exits."""
+        reaper, self._reaper = self._reaper, None
+        if reaper is None:
+            return
+        try:
+            async with asyncio.timeout(self.config.reap_timeout_seconds):
+                await reaper.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                reaper.kill()
+            await reaper.wait()
+            raise SandboxError(
+                f"processes of gvisor sandbox {self._id} outlived `runsc delete` by "
+                f"{self.config.reap_timeout_seconds:g}s; find them with `ps -ef | grep runsc`"
+            ) from None
 
     async def _remove_cgroup(self) -> None:
         if self._group is not None:
@@ -519,8 +580,12 @@ class GVisorBackend:
     name = NAME
     isolation: IsolationLevel = "kernel"
 
-    def __init__(self, config: GVisorConfig | None = None) -> None:
+    def __init__(
+        self, config: GVisorConfig | None = None, *, resolver: Resolver | None = None
+    ) -> None:
         self.config = config or GVisorConfig()
+        self.resolver = resolver
+        """The egress proxy's resolver (None: the system's); tests map names to loopback."""
         self.registry = Registry(self.config.state_dir)
 
     def availability(self) -> Availability:
@@ -536,7 +601,7 @@ class GVisorBackend:
 
     @asynccontextmanager
     async def _create(self, spec: SandboxSpec) -> AsyncIterator[GVisorSandbox]:
-        sandbox = GVisorSandbox(spec, self.config)
+        sandbox = GVisorSandbox(spec, self.config, resolver=self.resolver)
         await sandbox.start()
         try:
             yield sandbox

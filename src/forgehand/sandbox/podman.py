@@ -13,7 +13,9 @@ through ``podman exec -i … forgehand-runner proxy``. The kernel's OOM killer e
 process that used the memory; the runner reads the container's ``memory.oom_control`` /
 ``memory.events`` and reports that run's reason as ``oom``. If the runner itself dies,
 ``ended`` says why. Containers carry the name ``forgehand-<hex>`` and labels with the
-owner's pid; ``reap`` removes those of dead owners.
+owner's pid; ``reap`` removes those of dead owners. With ``network: proxy`` the egress
+proxy's socket and (read-only) decision log are mounted as on every backend
+(``rootfs.egress_mounts``); the container's network stays ``none``.
 
 This machine needs ``--ulimit nofile=1024:1024 --ulimit nproc=N:N`` (podman cannot raise
 rlimits here) and runc (crun refuses the hybrid cgroup layout).
@@ -39,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from forgehand.runner import errors as runner_errors
 from forgehand.runner.client import RunnerClient
 from forgehand.runner.model import ExitReason, RunResult, RunSpec
-from forgehand.sandbox import cgroups, rootfs
+from forgehand.sandbox import cgroups, procs, rootfs
 from forgehand.sandbox.backend import (
     ISOLATION_RANK,
     Achieved,
@@ -47,7 +49,7 @@ from forgehand.sandbox.backend import (
     SandboxRecord,
     register_backend,
 )
-from forgehand.sandbox.egress import EgressProxy
+from forgehand.sandbox.egress import EgressProxy, Resolver
 from forgehand.sandbox.errors import (
     BackendUnavailable,
     IsolationUnavailable,
@@ -216,15 +218,15 @@ def security_args(seccomp: Path) -> list[str]:
     ]
 
 
-def volume_args(spec: SandboxSpec, egress: Path | None) -> list[str]:
-    """Read-only system and runner mounts, the work dir and the egress socket."""
+def volume_args(spec: SandboxSpec, egress: EgressProxy | None) -> list[str]:
+    """Read-only system and runner mounts, the work dir, the egress socket and log."""
     pairs = [(p, PurePosixPath(p)) for p in rootfs.host_binds()]
     pairs += rootfs.RunnerInstall.current().mounts()
     pairs += [(m.source, PurePosixPath(m.destination)) for m in spec.ro_mounts]
     args = [a for src, dst in pairs for a in ("--volume", f"{src}:{dst}:ro")]
     args += ["--volume", f"{spec.work_dir.host_path}:{spec.work_dir.sandbox_path}:rw"]
-    if egress is not None:
-        args += ["--volume", f"{egress}:{rootfs.EGRESS_SOCKET}:rw"]
+    for src, dst, writable in rootfs.egress_mounts(egress) if egress is not None else ():
+        args += ["--volume", f"{src}:{dst}:{'rw' if writable else 'ro'}"]
     return args
 
 
@@ -235,9 +237,12 @@ def env_args(spec: SandboxSpec) -> list[str]:
 class PodmanSandbox(rootfs.ManagedSandbox):
     """One running podman container with its runner (the ``Sandbox`` Protocol)."""
 
-    def __init__(self, spec: SandboxSpec, config: PodmanConfig) -> None:
+    def __init__(
+        self, spec: SandboxSpec, config: PodmanConfig, *, resolver: Resolver | None = None
+    ) -> None:
         self.spec = spec
         self.config = config
+        self._resolver = resolver
         self.state = SandboxState.CREATED
         self._id = f"forgehand-{uuid.uuid4().hex[:12]}"
         self._registry = Registry(config.state_dir)
@@ -298,6 +303,18 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         self._require(SandboxState.READY, "run in")
         return await self._client.run(self.run_spec(argv, **fields))
 
+    async def member_pids(self) -> set[int]:
+        """Every host process that exists because of this container: its conmon processes
+        (the container's and one per exec session) with all they hold (the runner, its
+        keeper, runs, exec'd proxies), and this process's ``podman exec``/``wait``."""
+        container_id = await self._inspect("{{.Id}}")
+        return await asyncio.to_thread(self._member_pids, container_id)
+
+    def _member_pids(self, container_id: str) -> set[int]:
+        table = procs.snapshot()
+        roots = procs.mentioning(container_id, table, "conmon")
+        return procs.descendants(roots | procs.children_mentioning(self._id, table), table)
+
     async def _launch(self) -> None:
         check_spec(self.spec)
         await asyncio.to_thread(check_host, self.config)
@@ -307,7 +324,9 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         await rootfs.mount_work_dir(self.work_dir, self.spec.work_dir_bytes)
         self._work_mounted = True
         if isinstance(self.spec.network, ProxyNetwork):
-            self._proxy = await rootfs.start_egress(self._dir, self.spec.network, self.config)
+            self._proxy = await rootfs.start_egress(
+                self._dir, self.spec.network, self.config, self._resolver
+            )
         root = await asyncio.to_thread(
             rootfs.prepare_rootfs, self._dir / "rootfs", self.spec, mount_points(self.spec)
         )
@@ -330,7 +349,6 @@ class PodmanSandbox(rootfs.ManagedSandbox):
 
     def run_argv(self, root: Path) -> list[str]:
         """The ``podman run`` command line of this sandbox."""
-        egress = self._proxy.socket_path if self._proxy is not None else None
         owner = os.getpid()
         labels = [f"{LABEL}={self._id}", f"forgehand.owner_pid={owner}"]
         return self._podman(
@@ -340,7 +358,7 @@ class PodmanSandbox(rootfs.ManagedSandbox):
             *security_args(self._dir / "seccomp.json"),
             *limit_args(self.spec, self.config.nproc_rlimit),
             *("--tmpfs", self._run_tmpfs()),
-            *volume_args(self.spec, egress),
+            *volume_args(self.spec, self._proxy),
             *env_args(self.spec),
             *("--workdir", "/", "--rootfs", str(root)),
             *rootfs.serve_argv(self.spec, _memory_events()),
@@ -481,8 +499,12 @@ class PodmanBackend:
     name = NAME
     isolation: IsolationLevel = "container"
 
-    def __init__(self, config: PodmanConfig | None = None) -> None:
+    def __init__(
+        self, config: PodmanConfig | None = None, *, resolver: Resolver | None = None
+    ) -> None:
         self.config = config or PodmanConfig()
+        self.resolver = resolver
+        """The egress proxy's resolver (None: the system's); tests map names to loopback."""
         self.registry = Registry(self.config.state_dir)
 
     def availability(self) -> Availability:
@@ -498,7 +520,7 @@ class PodmanBackend:
 
     @asynccontextmanager
     async def _create(self, spec: SandboxSpec) -> AsyncIterator[PodmanSandbox]:
-        sandbox = PodmanSandbox(spec, self.config)
+        sandbox = PodmanSandbox(spec, self.config, resolver=self.resolver)
         await sandbox.start()
         try:
             yield sandbox

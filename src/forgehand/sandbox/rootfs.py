@@ -35,13 +35,14 @@ import forgehand
 from forgehand.runner.client import ExecConnector, RunnerClient
 from forgehand.runner.model import Exited, ExitReason, Output, RunSpec
 from forgehand.sandbox import bwrap
-from forgehand.sandbox.egress import AllowRule, EgressConfig, EgressProxy
+from forgehand.sandbox.egress import AllowRule, EgressConfig, EgressProxy, Resolver
 from forgehand.sandbox.errors import (
     BackendUnavailable,
     SandboxError,
     SandboxLaunchError,
     SandboxStateError,
 )
+from forgehand.sandbox.runs import EGRESS_LOG
 from forgehand.sandbox.spec import DirRoot, ProxyNetwork, SandboxSpec
 
 log = logging.getLogger(__name__)
@@ -296,10 +297,23 @@ class EgressSettings(Protocol):
 FORWARDER_RUN_ID = "forgehand-egress-forwarder"
 
 
+def egress_mounts(proxy: EgressProxy) -> list[tuple[Path, PurePosixPath, bool]]:
+    """(host source, sandbox target, writable) of the proxy's socket and its decision log,
+    which the agent reads (read-only) at ``runs.EGRESS_LOG``."""
+    return [
+        (proxy.socket_path, EGRESS_SOCKET, True),
+        (proxy.decision_log_path, PurePosixPath(EGRESS_LOG), False),
+    ]
+
+
 async def start_egress(
-    directory: Path, network: ProxyNetwork, config: EgressSettings
+    directory: Path,
+    network: ProxyNetwork,
+    config: EgressSettings,
+    resolver: Resolver | None = None,
 ) -> EgressProxy:
-    """A host-side allowlisting proxy for one sandbox, on a socket the sandbox user may use."""
+    """A host-side allowlisting proxy for one sandbox, on a socket the sandbox user may use.
+    Its decision log is ``egress/decisions.jsonl``, mounted read-only at ``runs.EGRESS_LOG``."""
     egress = directory / "egress"
     await asyncio.to_thread(egress.mkdir, 0o711)
     proxy = EgressProxy(
@@ -309,7 +323,8 @@ async def start_egress(
             allow=tuple(AllowRule(host=h, ports=config.egress_ports) for h in network.allow_hosts),
             trusted_networks=config.trusted_networks,
             allow_loopback_for_tests=config.allow_loopback_for_tests,
-        )
+        ),
+        resolver=resolver,
     )
     await proxy.start()
     await asyncio.to_thread(os.chown, proxy.socket_path, SANDBOX_UID, SANDBOX_GID)

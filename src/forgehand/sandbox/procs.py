@@ -1,0 +1,90 @@
+"""Host processes as ``/proc`` shows them: who is whose child, and process trees.
+
+The OCI backends use it to name every host process that exists because of one sandbox
+(``member_pids``: what ``forgehand bench sandbox`` sums the PSS of), and tests use it to
+prove that a destroyed sandbox left no process and no zombie behind. All blocking: call
+it through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+PROC = Path("/proc")
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """One line of ``/proc/<pid>/stat``, the fields we use."""
+
+    pid: int
+    ppid: int
+    state: str
+    """``R``, ``S``, ``D``, ``Z`` (zombie) …"""
+    comm: str
+    start_ticks: int
+    """Start time since boot in clock ticks: (pid, start_ticks) names a process for good."""
+
+
+def read_process(pid: int) -> ProcessInfo | None:
+    """The process ``pid``, or None if it is gone."""
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return ProcessInfo(pid, int(fields[1]), fields[0], comm, int(fields[19]))
+
+
+def snapshot() -> dict[int, ProcessInfo]:
+    """Every process on the host (those that vanish while we read are left out)."""
+    table: dict[int, ProcessInfo] = {}
+    for entry in PROC.iterdir():
+        if entry.name.isdigit() and (info := read_process(int(entry.name))) is not None:
+            table[info.pid] = info
+    return table
+
+
+def cmdline(pid: int) -> str:
+    """The command line of ``pid``, arguments joined by spaces ('' if gone or a zombie)."""
+    try:
+        raw = (PROC / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def descendants(roots: Iterable[int], table: dict[int, ProcessInfo]) -> set[int]:
+    """``roots`` that exist in ``table``, and all their descendants."""
+    children: dict[int, list[int]] = {}
+    for info in table.values():
+        children.setdefault(info.ppid, []).append(info.pid)
+    found: set[int] = set()
+    pending = [pid for pid in roots if pid in table]
+    while pending:
+        pid = pending.pop()
+        if pid not in found:
+            found.add(pid)
+            pending += children.get(pid, [])
+    return found
+
+
+def children_mentioning(
+    token: str, table: dict[int, ProcessInfo], parent: int | None = None
+) -> set[int]:
+    """Children of ``parent`` (default: this process) whose command line holds ``token``."""
+    if not token:
+        return set()
+    parent = os.getpid() if parent is None else parent
+    return {p for p, info in table.items() if info.ppid == parent and token in cmdline(p)}
+
+
+def mentioning(token: str, table: dict[int, ProcessInfo], comm: str) -> set[int]:
+    """Processes called ``comm`` whose command line holds ``token``."""
+    if not token:
+        return set()
+    return {p for p, info in table.items() if info.comm == comm and token in cmdline(p)}
