@@ -238,7 +238,7 @@ async def test_destroy_leaves_no_process_and_no_zombie(base: Path) -> None:
             table = procs.snapshot()
             assert {"exe", "runsc"} <= {table[p].comm for p in pids if p in table}
             members |= {p: table[p].start_ticks for p in pids if p in table}
-    assert len(members) >= 3 * 5  # subreaper, sandbox, gofer, stubs, exec channel, wait
+    assert len(members) >= 3 * 5  # subreaper, sandbox, gofer, stubs, exec channel
     still = [procs.read_process(pid) for pid in members]
     assert [i for i in still if i is not None and i.start_ticks == members[i.pid]] == []
     zombies = [

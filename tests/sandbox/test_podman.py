@@ -19,12 +19,13 @@ from typing import Any
 import pytest
 
 from forgehand.runner import errors as runner_errors
+from forgehand.runner.client import RunnerClient
 from forgehand.runner.model import ExitReason, RunSpec
-from forgehand.sandbox import cgroups
+from forgehand.sandbox import cgroups, procs
 from forgehand.sandbox.backend import BACKENDS
 from forgehand.sandbox.errors import IsolationUnavailable
 from forgehand.sandbox.podman import PodmanBackend, PodmanConfig, SandboxState, check_host
-from forgehand.sandbox.rootfs import is_mount_point
+from forgehand.sandbox.rootfs import PinnedSocketConnector, is_mount_point
 from forgehand.sandbox.spec import SandboxSpec
 
 
@@ -212,6 +213,57 @@ async def test_nothing_is_left_afterwards(base: Path) -> None:
     assert not is_mount_point(base / "work")
     assert not (base / "work").exists()
     assert sandbox.state is SandboxState.DESTROYED
+
+
+async def test_destroy_leaves_no_process_and_no_zombie(base: Path) -> None:
+    """conmon daemonizes; our subreaper must inherit and reap it, or each sandbox leaves a
+    zombie under PID 1 (which does not reap on every machine). No host-side podman
+    process stays while the sandbox idles: the runner is reached through its socket."""
+    since = max(info.start_ticks for info in procs.snapshot().values())
+    members: dict[int, int] = {}
+    for _ in range(3):
+        async with PodmanBackend().create(make_spec(base)) as sandbox:
+            assert (await sandbox.client.run(sh("true"))).exit.ok
+            await sandbox.client.transport.reconnect()  # a new channel, the same socket
+            assert (await sandbox.client.run(sh("true"))).exit.ok
+            pids = await sandbox.member_pids()
+            table = procs.snapshot()
+            comms = [table[p].comm for p in pids if p in table]
+            assert "conmon" in comms
+            assert "podman" not in comms
+            members |= {p: table[p].start_ticks for p in pids if p in table}
+    assert len(members) >= 3 * 4  # subreaper, conmon, runner, keeper
+    still = [procs.read_process(pid) for pid in members]
+    assert [i for i in still if i is not None and i.start_ticks == members[i.pid]] == []
+    zombies = [
+        info
+        for info in procs.snapshot().values()
+        if info.state == "Z" and info.comm in ("conmon", "podman") and info.start_ticks > since
+    ]
+    assert zombies == []
+
+
+async def test_a_symlink_in_place_of_the_runner_socket_is_not_followed(base: Path) -> None:
+    """The socket's directory is writable by the sandbox; a symlink it puts there (here:
+    to a host socket) is refused, not connected to as root."""
+    decoy = socket.socket(socket.AF_UNIX)
+    decoy.bind(str(base / "decoy.sock"))
+    decoy.listen()
+    async with PodmanBackend().create(make_spec(base)) as sandbox:
+        socket_path = sandbox.directory / "sock" / "runner.sock"
+        await sandbox.client.close()
+        socket_path.unlink()
+        socket_path.symlink_to(base / "decoy.sock")
+        client = RunnerClient.connect(PinnedSocketConnector(socket_path))
+        try:
+            with pytest.raises(runner_errors.PermissionDenied):
+                await client.capabilities()
+        finally:
+            await client.close()
+    decoy.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        decoy.accept()
+    decoy.close()
 
 
 def podman_names() -> set[str]:

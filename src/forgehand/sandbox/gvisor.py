@@ -6,7 +6,9 @@
         sandbox.ended                                     # None, or why it ended (oom …)
 
 The host reaches the runner through ``runsc exec … forgehand-runner proxy`` (an exec
-channel: no socket the sandbox could swap for a symlink). Host side, under
+channel). A socket the host could dial directly would have to be created inside gVisor
+and be visible on the host, which takes ``--host-uds=create``: a wider power than the
+sandbox has today, so the exec channel stays. Host side, under
 ``<state_dir>/<sandbox-id>/``: ``record.json`` (the registry), ``bundle/`` (config.json
 and the read-only rootfs, see ``forgehand.sandbox.rootfs``), ``runner.log`` and, with
 ``network: proxy``, ``egress/`` (the proxy's socket, mounted at
@@ -15,7 +17,8 @@ and the read-only rootfs, see ``forgehand.sandbox.rootfs``), ``runner.log`` and,
 
 ``runsc run --detach`` daemonizes the sandbox and gofer processes; it runs under a
 ``subreaper`` of ours, which reaps them and gVisor's systrap stubs when the sandbox is
-deleted (PID 1 does not reap orphans on every machine). ``destroy`` waits for it.
+deleted (PID 1 does not reap orphans on every machine). ``destroy`` waits for it. The
+watcher holds a pidfd of the sandbox process (no ``runsc wait`` while it runs).
 
 Limits: the sandbox runs in our own cgroup ``forgehand/<id>.<owner>`` (runsc joins an
 existing group and leaves its limits alone). gVisor ends the *whole* sandbox when the
@@ -35,7 +38,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -48,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from forgehand.runner import errors as runner_errors
 from forgehand.runner.client import RunnerClient
 from forgehand.runner.model import ExitReason, RunResult, RunSpec
-from forgehand.sandbox import cgroups, procs, rootfs, subreaper
+from forgehand.sandbox import cgroups, procs, rootfs
 from forgehand.sandbox.backend import (
     ISOLATION_RANK,
     Achieved,
@@ -127,11 +129,6 @@ class GVisorConfig(BaseModel):
     """TESTING ONLY: lets the egress proxy reach loopback servers."""
     reap_timeout_seconds: float = Field(default=10.0, gt=0)
     """How long destroy waits for the sandbox's processes to be reaped after deletion."""
-
-
-def subreaper_argv(command: list[str]) -> list[str]:
-    """``command`` run under ``forgehand.sandbox.subreaper`` (a script: stdlib only)."""
-    return [sys.executable, "-I", "-S", str(Path(subreaper.__file__)), *command]
 
 
 def runsc_release(runsc: str) -> tuple[str, int | None]:
@@ -398,25 +395,14 @@ class GVisorSandbox(rootfs.ManagedSandbox):
     async def _run_sandbox(self) -> None:
         """``runsc run --detach`` under our subreaper, which stays the parent of the
         sandbox, gofer and stub processes and reaps them (see ``subreaper``)."""
-        log = await asyncio.to_thread(_open_log, self._dir / "runner.log")
-        try:
-            argv = self._runsc("run", "--detach", "--bundle", str(self._dir / "bundle"), self._id)
-            self._reaper = await asyncio.create_subprocess_exec(
-                *subreaper_argv(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                start_new_session=True,
-            )
-            self._started = True
-        finally:
-            os.close(log)
-        assert self._reaper.stdout is not None
-        line = await self._reaper.stdout.readline()
-        if not line.strip().lstrip(b"-").isdigit():
+        argv = self._runsc("run", "--detach", "--bundle", str(self._dir / "bundle"), self._id)
+        self._reaper = await rootfs.spawn_subreaper(argv, self._dir / "runner.log")
+        self._started = True
+        status = await rootfs.subreaper_status(self._reaper)
+        if status is None:
             raise await self._launch_error("the subreaper running `runsc run` failed")
-        if int(line) != 0:
-            raise await self._launch_error(f"`runsc run` failed with status {int(line)}")
+        if status != 0:
+            raise await self._launch_error(f"`runsc run` failed with status {status}")
 
     async def _wait_ready(self) -> None:
         deadline = _now() + self.config.ready_timeout_seconds
@@ -467,7 +453,7 @@ class GVisorSandbox(rootfs.ManagedSandbox):
 
     async def _watch(self) -> None:
         """Wait for the sandbox to stop (or the wall time to pass) and record why."""
-        waiter = asyncio.create_task(rootfs.run_host(self._runsc_wait(), check=False))
+        waiter = asyncio.create_task(self._wait_stopped())
         try:
             delay = self.spec.limits.wall_time_seconds + self.config.wall_time_grace_seconds
             done, _ = await asyncio.wait({waiter}, timeout=delay)
@@ -482,6 +468,31 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         self._ended = await asyncio.to_thread(self._end_reason, output)
         if self.state is SandboxState.READY:
             self.state = SandboxState.ENDED
+
+    async def _wait_stopped(self) -> tuple[int, str]:
+        """Watch the sandbox process through a pidfd (no helper process while it runs),
+        then ask ``runsc wait``, which returns at once for a stopped sandbox. Without a
+        pidfd (the sandbox is gone already, or runsc did not answer) ``runsc wait`` does
+        the waiting itself."""
+        pidfd = await self._main_pidfd()
+        if pidfd is not None:
+            try:
+                await rootfs.wait_exit(pidfd)
+            finally:
+                os.close(pidfd)
+        return await rootfs.run_host(self._runsc_wait(), check=False)
+
+    async def _main_pidfd(self) -> int | None:
+        """A pidfd of runsc's sandbox process, checked to be in our cgroup once opened."""
+        group = self._group
+        code, text = await rootfs.run_host(self._runsc_state(), check=False)
+        try:
+            pid = int(json.loads(text)["pid"]) if code == 0 else 0
+        except (ValueError, KeyError, TypeError):
+            pid = 0
+        if group is None or pid <= 0:
+            return None
+        return await asyncio.to_thread(procs.pidfd_if, pid, lambda p: p in group.pids())
 
     def _runsc_wait(self) -> list[str]:
         return [self.config.runsc, "--root", str(self.config.runsc_root), "wait", self._id]
@@ -537,15 +548,9 @@ class GVisorSandbox(rootfs.ManagedSandbox):
     async def _await_reaper(self) -> None:
         """Once the sandbox is deleted, its subreaper has reaped everything and exits."""
         reaper, self._reaper = self._reaper, None
-        if reaper is None:
-            return
-        try:
-            async with asyncio.timeout(self.config.reap_timeout_seconds):
-                await reaper.wait()
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                reaper.kill()
-            await reaper.wait()
+        if reaper is not None and not await rootfs.await_subreaper(
+            reaper, self.config.reap_timeout_seconds
+        ):
             raise SandboxError(
                 f"processes of gvisor sandbox {self._id} outlived `runsc delete` by "
                 f"{self.config.reap_timeout_seconds:g}s; find them with `ps -ef | grep runsc`"
@@ -634,10 +639,6 @@ def _pids_events(group: CgroupGroup) -> int:
     except OSError:
         return 0
     return sum(int(v) for k, _, v in (ln.partition(" ") for ln in text.splitlines()) if k == "max")
-
-
-def _open_log(path: Path) -> int:
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
 
 
 def _read_bytes(path: Path) -> bytes:

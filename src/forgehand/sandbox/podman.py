@@ -8,11 +8,18 @@ No image is pulled: the root is a per-sandbox directory (``forgehand.sandbox.roo
 the spec's ``root: dir``, passed with ``--rootfs`` and mounted read-only; /usr, the venv
 and the forgehand source come in read-only. The container runs as uid 1000 with every
 capability dropped, ``no-new-privileges``, no network (or only the egress proxy's socket)
-and podman's memory (swap included), pids and CPU limits. The host reaches the runner
-through ``podman exec -i … forgehand-runner proxy``. The kernel's OOM killer ends the
+and podman's memory (swap included), pids and CPU limits. The runner listens on
+``/run/forgehand/sock/runner.sock``, in a tiny host tmpfs (``<state_dir>/<id>/sock``,
+mode 0700, the sandbox user's) bind-mounted into the container, and the host connects to
+it directly (``rootfs.PinnedSocketConnector``: never through a symlink the sandbox put
+there); no host-side ``podman exec`` stays around. The kernel's OOM killer ends the
 process that used the memory; the runner reads the container's ``memory.oom_control`` /
 ``memory.events`` and reports that run's reason as ``oom``. If the runner itself dies,
-``ended`` says why. Containers carry the name ``forgehand-<hex>`` and labels with the
+``ended`` says why: the watcher holds a pidfd of the container's main process (no
+``podman wait`` while it runs) and asks podman for the exit status once it is gone.
+``podman run --detach`` runs under a ``subreaper`` of ours, which inherits conmon and
+reaps it after ``podman rm`` (PID 1 does not reap orphans on every machine); ``destroy``
+waits for it. Containers carry the name ``forgehand-<hex>`` and labels with the
 owner's pid; ``reap`` removes those of dead owners. With ``network: proxy`` the egress
 proxy's socket and (read-only) decision log are mounted as on every backend
 (``rootfs.egress_mounts``); the container's network stays ``none``.
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -111,6 +119,8 @@ class PodmanConfig(BaseModel):
     """Passed to the egress proxy (see ``EgressConfig``)."""
     allow_loopback_for_tests: bool = False
     """TESTING ONLY: lets the egress proxy reach loopback servers."""
+    reap_timeout_seconds: float = Field(default=10.0, gt=0)
+    """How long destroy waits for conmon to be reaped after the container's removal."""
 
 
 def check_host(config: PodmanConfig) -> str:
@@ -247,7 +257,10 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         self._id = f"forgehand-{uuid.uuid4().hex[:12]}"
         self._registry = Registry(config.state_dir)
         self._dir = self._registry.directory(self._id)
-        self._client = rootfs.exec_client(self._exec_argv(rootfs.proxy_argv()))
+        self._sock_dir = self._dir / "sock"
+        self._sock_mounted = False
+        socket = self._sock_dir / rootfs.SHARED_SOCKET.name
+        self._client = RunnerClient.connect(rootfs.PinnedSocketConnector(socket))
         self._proxy: EgressProxy | None = None
         self._achieved: Achieved | None = None
         self._ended: SandboxEnd | None = None
@@ -256,6 +269,7 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         self._started = False
         self._expired = False
         self._watcher: asyncio.Task[None] | None = None
+        self._reaper: asyncio.subprocess.Process | None = None
 
     # -- the Sandbox Protocol ------------------------------------------------------------
 
@@ -304,16 +318,20 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         return await self._client.run(self.run_spec(argv, **fields))
 
     async def member_pids(self) -> set[int]:
-        """Every host process that exists because of this container: its conmon processes
-        (the container's and one per exec session) with all they hold (the runner, its
-        keeper, runs, exec'd proxies), and this process's ``podman exec``/``wait``."""
+        """Every host process that exists because of this container: its subreaper, its
+        conmon processes (the container's, and one per exec session if any) with all they
+        hold (the runner, its keeper, runs), and any ``podman`` command this process is
+        running for it."""
         container_id = await self._inspect("{{.Id}}")
         return await asyncio.to_thread(self._member_pids, container_id)
 
     def _member_pids(self, container_id: str) -> set[int]:
         table = procs.snapshot()
         roots = procs.mentioning(container_id, table, "conmon")
-        return procs.descendants(roots | procs.children_mentioning(self._id, table), table)
+        roots |= procs.children_mentioning(self._id, table)
+        if self._reaper is not None:
+            roots.add(self._reaper.pid)
+        return procs.descendants(roots, table)
 
     async def _launch(self) -> None:
         check_spec(self.spec)
@@ -321,6 +339,8 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         self._work_made = not await asyncio.to_thread(self.work_dir.exists)
         entry = own_entry(NAME, self._id, self.work_dir, self._work_made)
         await asyncio.to_thread(self._registry.add, entry)
+        await rootfs.mount_sock_dir(self._sock_dir)
+        self._sock_mounted = True
         await rootfs.mount_work_dir(self.work_dir, self.spec.work_dir_bytes)
         self._work_mounted = True
         if isinstance(self.spec.network, ProxyNetwork):
@@ -343,10 +363,6 @@ class PodmanSandbox(rootfs.ManagedSandbox):
     def _podman(self, *arguments: str) -> list[str]:
         return [self.config.podman, *arguments]
 
-    def _exec_argv(self, command: list[str]) -> list[str]:
-        user = f"{rootfs.SANDBOX_UID}:{rootfs.SANDBOX_GID}"
-        return self._podman("exec", "-i", "--user", user, "--workdir", "/", self._id, *command)
-
     def run_argv(self, root: Path) -> list[str]:
         """The ``podman run`` command line of this sandbox."""
         owner = os.getpid()
@@ -359,19 +375,26 @@ class PodmanSandbox(rootfs.ManagedSandbox):
             *limit_args(self.spec, self.config.nproc_rlimit),
             *("--tmpfs", self._run_tmpfs()),
             *volume_args(self.spec, self._proxy),
+            *("--volume", f"{self._sock_dir}:{rootfs.SOCK_DIR}:rw"),
             *env_args(self.spec),
             *("--workdir", "/", "--rootfs", str(root)),
-            *rootfs.serve_argv(self.spec, _memory_events()),
+            *rootfs.serve_argv(self.spec, _memory_events(), rootfs.SHARED_SOCKET),
         )
 
     def _run_tmpfs(self) -> str:
         return f"{rootfs.RUN_DIR}:rw,nosuid,nodev,size={self.config.runner_state_bytes}"
 
     async def _run_container(self, root: Path) -> None:
+        """``podman run --detach`` under our subreaper, which inherits the container's
+        conmon once podman exits and reaps it after ``podman rm`` (see ``subreaper``)."""
         self._started = True
-        code, text = await rootfs.run_host(self.run_argv(root), check=False)
-        if code != 0:
-            raise await self._launch_error(f"`podman run` failed with status {code}: {text}")
+        log = self._dir / "podman.log"
+        self._reaper = await rootfs.spawn_subreaper(self.run_argv(root), log)
+        status = await rootfs.subreaper_status(self._reaper)
+        if status != 0:
+            text = await asyncio.to_thread(rootfs.tail, log)
+            what = "the subreaper failed" if status is None else f"status {status}"
+            raise await self._launch_error(f"`podman run` failed ({what}): {text}")
 
     async def _wait_ready(self) -> None:
         deadline = _now() + self.config.ready_timeout_seconds
@@ -421,7 +444,7 @@ class PodmanSandbox(rootfs.ManagedSandbox):
 
     async def _watch(self) -> None:
         """Wait for the container to stop (or the wall time to pass) and record why."""
-        waiter = asyncio.create_task(rootfs.run_host(self._podman("wait", self._id), check=False))
+        waiter = asyncio.create_task(self._wait_stopped())
         try:
             delay = self.spec.limits.wall_time_seconds + self.config.wall_time_grace_seconds
             done, _ = await asyncio.wait({waiter}, timeout=delay)
@@ -437,6 +460,29 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         if self.state is SandboxState.READY:
             self.state = SandboxState.ENDED
 
+    async def _wait_stopped(self) -> tuple[int, str]:
+        """Watch the container's main process through a pidfd (no helper process while it
+        runs), then ask ``podman wait`` for the exit status podman recorded. Without a
+        pidfd (the container is gone already, or podman did not answer) ``podman wait``
+        does the waiting itself."""
+        pidfd = await self._main_pidfd()
+        if pidfd is not None:
+            try:
+                await rootfs.wait_exit(pidfd)
+            finally:
+                os.close(pidfd)
+        return await rootfs.run_host(self._podman("wait", self._id), check=False)
+
+    async def _main_pidfd(self) -> int | None:
+        """A pidfd of the container's main process (the runner), checked to be in the
+        container's cgroup after it was opened."""
+        text = await self._inspect("{{.Id}} {{.State.Pid}}")
+        container_id, _, pid = text.partition(" ")
+        if not (container_id and pid.isdigit()):
+            return None
+        belongs = functools.partial(_in_cgroup_of, container_id)
+        return await asyncio.to_thread(procs.pidfd_if, int(pid), belongs)
+
     async def _end_reason(self, status: str) -> SandboxEnd:
         if self._expired:
             wall = self.spec.limits.wall_time_seconds
@@ -451,7 +497,12 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         steps: list[Callable[[], Awaitable[None]]] = [
             self._stop_watcher,
             self._client.close,
+            # Even if the client was closed and then used again: its channel and the
+            # pinned socket go before the socket's tmpfs is unmounted.
+            self._client.transport.close,
             self._remove_container,
+            self._await_reaper,
+            self._unmount_sock,
             self._unmount_work,
             self._stop_proxy,
         ]
@@ -474,6 +525,22 @@ class PodmanSandbox(rootfs.ManagedSandbox):
     async def _remove_container(self) -> None:
         if self._started:
             await remove_container(self.config, self._id)
+
+    async def _await_reaper(self) -> None:
+        """Once the container is removed, its subreaper has reaped conmon and exits."""
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None and not await rootfs.await_subreaper(
+            reaper, self.config.reap_timeout_seconds
+        ):
+            raise SandboxError(
+                f"processes of podman sandbox {self._id} outlived `podman rm` by "
+                f"{self.config.reap_timeout_seconds:g}s; find them with `ps -ef | grep conmon`"
+            )
+
+    async def _unmount_sock(self) -> None:
+        if self._sock_mounted:
+            await rootfs.unmount_sock_dir(self._sock_dir)
+            self._sock_mounted = False
 
     async def _unmount_work(self) -> None:
         if self._work_mounted:
@@ -537,10 +604,17 @@ class PodmanBackend:
 
 
 async def reap_entry(config: PodmanConfig, registry: Registry, entry: Entry) -> None:
-    """Remove what a dead owner left: the container, the work dir mount, the state dir."""
+    """Remove what a dead owner left: the container, the socket and work dir mounts, the
+    state dir."""
     await remove_container(config, entry.sandbox_id)
+    await rootfs.unmount_sock_dir(registry.directory(entry.sandbox_id) / "sock")
     await rootfs.unmount_work_dir(Path(entry.work_dir), entry.work_dir_made)
     await asyncio.to_thread(registry.remove, entry.sandbox_id)
+
+
+def _in_cgroup_of(container_id: str, pid: int) -> bool:
+    """Whether ``pid`` lives in the cgroup podman made for ``container_id``."""
+    return container_id in Path(f"/proc/{pid}/cgroup").read_text()
 
 
 def _memory_events() -> str:

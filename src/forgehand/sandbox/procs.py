@@ -2,14 +2,16 @@
 
 The OCI backends use it to name every host process that exists because of one sandbox
 (``member_pids``: what ``forgehand bench sandbox`` sums the PSS of), and tests use it to
-prove that a destroyed sandbox left no process and no zombie behind. All blocking: call
-it through ``asyncio.to_thread``.
+prove that a destroyed sandbox left no process and no zombie behind. The backends watch
+a sandbox's main process through a pidfd (``pidfd_if``), not a host-side ``… wait``
+process. All blocking: call it through ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import select
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,3 +90,36 @@ def mentioning(token: str, table: dict[int, ProcessInfo], comm: str) -> set[int]
     if not token:
         return set()
     return {p for p, info in table.items() if info.comm == comm and token in cmdline(p)}
+
+
+def open_pidfd(pid: int) -> int | None:
+    """A pidfd of ``pid`` (close it), or None if there is no such process."""
+    if pid <= 0:
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+
+
+def has_exited(pidfd: int) -> bool:
+    """Whether the process behind ``pidfd`` has exited (a pidfd turns readable then)."""
+    readable, _, _ = select.select([pidfd], [], [], 0)
+    return bool(readable)
+
+
+def pidfd_if(pid: int, belongs: Callable[[int], bool]) -> int | None:
+    """A pidfd of ``pid`` if ``belongs(pid)`` holds for that very process, else None.
+
+    The pid is checked after the pidfd is opened, and the pidfd is checked to be still
+    running afterwards, so a pid reused in between is never mistaken for the process."""
+    pidfd = open_pidfd(pid)
+    if pidfd is None:
+        return None
+    try:
+        if belongs(pid) and not has_exited(pidfd):
+            return pidfd
+    except OSError:
+        pass
+    os.close(pidfd)
+    return None

@@ -6,7 +6,8 @@ and generated ``passwd``/``group``/``hosts``. It is mounted read-only; /usr, the
 the forgehand source come in as read-only bind mounts. Layout inside the sandbox::
 
     /opt/forgehand/venv, /opt/forgehand/src   the runner's interpreter and package (ro)
-    /run/forgehand/runner.sock                  the runner's socket (reached by exec)
+    /run/forgehand/runner.sock                  the runner's socket (gVisor: reached by exec)
+    /run/forgehand/sock/runner.sock             podman: the runner's socket, in a host dir
     /run/forgehand/state/                       the runner's journals (tmpfs)
     /opt/forgehand/egress.sock                  the egress proxy's socket (network: proxy)
 
@@ -23,6 +24,7 @@ import contextlib
 import logging
 import os
 import shutil
+import stat
 import sys
 from collections.abc import AsyncGenerator, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
@@ -32,9 +34,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, cast
 
 import forgehand
+from forgehand.runner import errors as runner_errors
 from forgehand.runner.client import ExecConnector, RunnerClient
+from forgehand.runner.client.connectors import Dial
 from forgehand.runner.model import Exited, ExitReason, Output, RunSpec
-from forgehand.sandbox import bwrap
+from forgehand.sandbox import bwrap, subreaper
 from forgehand.sandbox.egress import AllowRule, EgressConfig, EgressProxy, Resolver
 from forgehand.sandbox.errors import (
     BackendUnavailable,
@@ -55,6 +59,9 @@ SRC_TARGET = OPT / "src"
 EGRESS_SOCKET = OPT / "egress.sock"
 RUN_DIR = PurePosixPath("/run/forgehand")
 RUNNER_SOCKET = RUN_DIR / "runner.sock"
+SOCK_DIR = RUN_DIR / "sock"
+SHARED_SOCKET = SOCK_DIR / "runner.sock"
+SOCK_DIR_BYTES = 64 << 10
 RUNNER_STATE = RUN_DIR / "state"
 RUNNER_PYTHON = VENV_TARGET / "bin" / "python"
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -97,10 +104,12 @@ def runner_argv(*arguments: str) -> list[str]:
     return [str(RUNNER_PYTHON), "-m", "forgehand.runner.cli", *arguments]
 
 
-def serve_argv(spec: SandboxSpec, memory_events: str = "") -> list[str]:
+def serve_argv(
+    spec: SandboxSpec, memory_events: str = "", socket: PurePosixPath = RUNNER_SOCKET
+) -> list[str]:
     """The sandbox's long-lived process: ``forgehand-runner serve`` on the work dir."""
     journal = max(256 << 10, min(64 << 20, spec.limits.output_bytes + (1 << 20)))
-    argv = runner_argv("serve", "--socket", str(RUNNER_SOCKET), "--state-dir", str(RUNNER_STATE))
+    argv = runner_argv("serve", "--socket", str(socket), "--state-dir", str(RUNNER_STATE))
     argv += ["--root", str(spec.work_dir.sandbox_path), "--journal-max-bytes", str(journal)]
     return argv + (["--memory-events", memory_events] if memory_events else [])
 
@@ -116,6 +125,64 @@ MAX_STACKED_MOUNTS = 8
 def exec_client(argv: list[str]) -> RunnerClient:
     """A runner client whose every connection runs ``argv`` (``… forgehand-runner proxy``)."""
     return RunnerClient.connect(ExecConnector(argv))
+
+
+class PinnedSocketConnector:
+    """The runner's socket in a host directory the sandbox can write (``mount_sock_dir``).
+
+    The sandbox could put a symlink there in place of its socket, pointing at any socket
+    of the host, which this (root) process would then follow. So the first dial opens the
+    path with ``O_PATH | O_NOFOLLOW``, refuses anything but a socket of the sandbox user,
+    and every connection goes through ``/proc/self/fd/N``: that very inode, whatever the
+    name points at later."""
+
+    def __init__(self, path: Path, uid: int = SANDBOX_UID) -> None:
+        self.path = path
+        self.uid = uid
+        self._fd = -1
+
+    async def dial(self) -> Dial:
+        if self._fd < 0:
+            self._fd = await asyncio.to_thread(pin_socket, self.path, self.uid)
+        return Dial(f"unix:/proc/self/fd/{self._fd}")
+
+    async def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def pin_socket(path: Path, uid: int) -> int:
+    """An ``O_PATH`` descriptor of the unix socket ``path``, owned by ``uid`` (blocking)."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise runner_errors.Unavailable(f"the runner's socket {path} does not exist yet") from None
+    info = os.fstat(fd)
+    if not stat.S_ISSOCK(info.st_mode) or info.st_uid != uid:
+        os.close(fd)
+        raise runner_errors.PermissionDenied(
+            f"{path} is not a socket of uid {uid}: the sandbox replaced its runner's socket "
+            "(a symlink?), so it is not connected to; destroy the sandbox"
+        )
+    return fd
+
+
+async def mount_sock_dir(host_path: Path) -> None:
+    """A tiny tmpfs, mode 0700, owned by the sandbox user: the runner's socket goes there.
+    Small, so the sandbox cannot fill the host's disk through it."""
+    await asyncio.to_thread(host_path.mkdir, 0o700)
+    options = f"size={SOCK_DIR_BYTES},nr_inodes=16,mode=0700,uid={SANDBOX_UID},gid={SANDBOX_GID}"
+    options += ",nosuid,nodev,noexec"
+    await run_host(["mount", "-t", "tmpfs", "-o", options, "forgehand-sock", str(host_path)])
+
+
+async def unmount_sock_dir(host_path: Path) -> None:
+    """Unmount ``mount_sock_dir``'s tmpfs, if mounted (the state dir's removal does the rest)."""
+    for _ in range(MAX_STACKED_MOUNTS):
+        if not await asyncio.to_thread(is_mount_point, host_path):
+            return
+        await run_host(["umount", str(host_path)])
 
 
 def runner_env(spec: SandboxSpec) -> dict[str, str]:
@@ -352,6 +419,70 @@ async def _await_output(client: RunnerClient, marker: bytes) -> None:
             if isinstance(event, Exited):
                 break
     raise SandboxLaunchError(f"the egress forwarder exited: {seen[-500:]!r}")
+
+
+def subreaper_argv(command: list[str]) -> list[str]:
+    """``command`` run under ``forgehand.sandbox.subreaper`` (a script: stdlib only)."""
+    return [sys.executable, "-I", "-S", str(Path(subreaper.__file__)), *command]
+
+
+async def spawn_subreaper(command: list[str], log: Path) -> asyncio.subprocess.Process:
+    """Start ``command`` under a subreaper of ours, in a new session, its output appended
+    to ``log``. For runtimes that daemonize (``runsc run --detach``, conmon): what they
+    leave behind is re-parented to the subreaper, which reaps it, not to PID 1, which
+    does not reap on every machine. Read the exit code with ``subreaper_status``."""
+    fd = await asyncio.to_thread(_open_log, log)
+    try:
+        return await asyncio.create_subprocess_exec(
+            *subreaper_argv(command),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=fd,
+            start_new_session=True,
+        )
+    finally:
+        os.close(fd)
+
+
+async def subreaper_status(process: asyncio.subprocess.Process) -> int | None:
+    """The exit code of the subreaper's command, or None if the subreaper failed."""
+    assert process.stdout is not None
+    line = (await process.stdout.readline()).strip()
+    return int(line) if line.lstrip(b"-").isdigit() else None
+
+
+async def await_subreaper(process: asyncio.subprocess.Process, patience: float) -> bool:
+    """Wait for the subreaper to exit, which it does once every descendant has ended and
+    been reaped; False if it had to be killed after ``patience`` seconds."""
+    try:
+        async with asyncio.timeout(patience):
+            await process.wait()
+        return True
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+        return False
+
+
+def _open_log(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+
+async def wait_exit(pidfd: int) -> None:
+    """Return once the process behind ``pidfd`` has exited; no thread, no helper process."""
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(pidfd, readable)
+    try:
+        await exited
+    finally:
+        loop.remove_reader(pidfd)
 
 
 async def uncancellable(coro: Coroutine[Any, Any, None]) -> None:
