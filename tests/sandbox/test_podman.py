@@ -25,7 +25,8 @@ from forgehand.sandbox import cgroups, procs
 from forgehand.sandbox.backend import BACKENDS
 from forgehand.sandbox.errors import IsolationUnavailable
 from forgehand.sandbox.podman import PodmanBackend, PodmanConfig, SandboxState, check_host
-from forgehand.sandbox.rootfs import PinnedSocketConnector, is_mount_point
+from forgehand.sandbox.rootfs import SANDBOX_UID, is_mount_point
+from forgehand.sandbox.sockets import PinnedSocketConnector
 from forgehand.sandbox.spec import SandboxSpec
 
 
@@ -254,7 +255,7 @@ async def test_a_symlink_in_place_of_the_runner_socket_is_not_followed(base: Pat
         await sandbox.client.close()
         socket_path.unlink()
         socket_path.symlink_to(base / "decoy.sock")
-        client = RunnerClient.connect(PinnedSocketConnector(socket_path))
+        client = RunnerClient.connect(PinnedSocketConnector(socket_path, SANDBOX_UID))
         try:
             with pytest.raises(runner_errors.PermissionDenied):
                 await client.capabilities()

@@ -74,6 +74,7 @@ from forgehand.sandbox.registry import (
     reap_leftovers,
 )
 from forgehand.sandbox.runs import EGRESS_LOG, run_environment, run_spec
+from forgehand.sandbox.sockets import PinnedSocketConnector
 from forgehand.sandbox.spec import (
     ByteSize,
     IsolationLevel,
@@ -171,7 +172,10 @@ class BwrapRunnerSandbox:
         self._registry = Registry(config.state_dir)
         self._dir = self._registry.directory(self._id)
         self._resolver = resolver
-        self._client = RunnerClient.unix(self._dir / "sock" / "runner.sock")
+        # The sandbox can write sock/: never follow what it puts there (sockets.py).
+        self._client = RunnerClient.connect(
+            PinnedSocketConnector(self._dir / "sock" / "runner.sock", Identity().host_uid)
+        )
         self._box: BwrapSandbox | None = None
         self._proxy: EgressProxy | None = None
         self._runner: asyncio.subprocess.Process | None = None

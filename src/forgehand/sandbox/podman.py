@@ -11,7 +11,7 @@ capability dropped, ``no-new-privileges``, no network (or only the egress proxy'
 and podman's memory (swap included), pids and CPU limits. The runner listens on
 ``/run/forgehand/sock/runner.sock``, in a tiny host tmpfs (``<state_dir>/<id>/sock``,
 mode 0700, the sandbox user's) bind-mounted into the container, and the host connects to
-it directly (``rootfs.PinnedSocketConnector``: never through a symlink the sandbox put
+it directly (``sockets.PinnedSocketConnector``: never through a symlink the sandbox put
 there); no host-side ``podman exec`` stays around. The kernel's OOM killer ends the
 process that used the memory; the runner reads the container's ``memory.oom_control`` /
 ``memory.events`` and reports that run's reason as ``oom``. If the runner itself dies,
@@ -75,6 +75,7 @@ from forgehand.sandbox.registry import (
 )
 from forgehand.sandbox.rootfs import SandboxEnd, SandboxState
 from forgehand.sandbox.runs import run_environment, run_spec
+from forgehand.sandbox.sockets import PinnedSocketConnector
 from forgehand.sandbox.spec import (
     ByteSize,
     IsolationLevel,
@@ -260,7 +261,7 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         self._sock_dir = self._dir / "sock"
         self._sock_mounted = False
         socket = self._sock_dir / rootfs.SHARED_SOCKET.name
-        self._client = RunnerClient.connect(rootfs.PinnedSocketConnector(socket))
+        self._client = RunnerClient.connect(PinnedSocketConnector(socket, rootfs.SANDBOX_UID))
         self._proxy: EgressProxy | None = None
         self._achieved: Achieved | None = None
         self._ended: SandboxEnd | None = None

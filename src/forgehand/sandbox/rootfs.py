@@ -24,7 +24,6 @@ import contextlib
 import logging
 import os
 import shutil
-import stat
 import sys
 from collections.abc import AsyncGenerator, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
@@ -34,9 +33,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, cast
 
 import forgehand
-from forgehand.runner import errors as runner_errors
 from forgehand.runner.client import ExecConnector, RunnerClient
-from forgehand.runner.client.connectors import Dial
 from forgehand.runner.model import Exited, ExitReason, Output, RunSpec
 from forgehand.sandbox import bwrap, subreaper
 from forgehand.sandbox.egress import AllowRule, EgressConfig, EgressProxy, Resolver
@@ -125,47 +122,6 @@ MAX_STACKED_MOUNTS = 8
 def exec_client(argv: list[str]) -> RunnerClient:
     """A runner client whose every connection runs ``argv`` (``… forgehand-runner proxy``)."""
     return RunnerClient.connect(ExecConnector(argv))
-
-
-class PinnedSocketConnector:
-    """The runner's socket in a host directory the sandbox can write (``mount_sock_dir``).
-
-    The sandbox could put a symlink there in place of its socket, pointing at any socket
-    of the host, which this (root) process would then follow. So the first dial opens the
-    path with ``O_PATH | O_NOFOLLOW``, refuses anything but a socket of the sandbox user,
-    and every connection goes through ``/proc/self/fd/N``: that very inode, whatever the
-    name points at later."""
-
-    def __init__(self, path: Path, uid: int = SANDBOX_UID) -> None:
-        self.path = path
-        self.uid = uid
-        self._fd = -1
-
-    async def dial(self) -> Dial:
-        if self._fd < 0:
-            self._fd = await asyncio.to_thread(pin_socket, self.path, self.uid)
-        return Dial(f"unix:/proc/self/fd/{self._fd}")
-
-    async def close(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-
-def pin_socket(path: Path, uid: int) -> int:
-    """An ``O_PATH`` descriptor of the unix socket ``path``, owned by ``uid`` (blocking)."""
-    try:
-        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise runner_errors.Unavailable(f"the runner's socket {path} does not exist yet") from None
-    info = os.fstat(fd)
-    if not stat.S_ISSOCK(info.st_mode) or info.st_uid != uid:
-        os.close(fd)
-        raise runner_errors.PermissionDenied(
-            f"{path} is not a socket of uid {uid}: the sandbox replaced its runner's socket "
-            "(a symlink?), so it is not connected to; destroy the sandbox"
-        )
-    return fd
 
 
 async def mount_sock_dir(host_path: Path) -> None:

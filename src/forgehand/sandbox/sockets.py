@@ -1,0 +1,68 @@
+"""Connecting to a runner's socket in a directory its sandbox can write.
+
+Backends whose runner listens on a unix socket in a host directory bind-mounted into the
+sandbox (bwrap, podman) give the sandbox write access to that directory, so the name on
+the host is under the sandbox's control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from pathlib import Path
+
+from forgehand.runner import errors as runner_errors
+from forgehand.runner.client.connectors import Dial
+
+
+class PinnedSocketConnector:
+    """The runner's socket in a host directory the sandbox can write (``mount_sock_dir``).
+
+    The sandbox could put a symlink there in place of its socket, pointing at any socket
+    of the host, which this (root) process would then follow. So every dial opens the
+    path with ``O_PATH | O_NOFOLLOW``, refuses anything but a socket of the sandbox user,
+    and the connection goes through ``/proc/self/fd/N``: that very inode, whatever the
+    name points at later. A new inode (the runner restarted and bound its socket again)
+    replaces the pinned one; the same inode keeps its descriptor."""
+
+    def __init__(self, path: Path, uid: int) -> None:
+        self.path = path
+        self.uid = uid
+        self._fd = -1
+
+    async def dial(self) -> Dial:
+        fd = await asyncio.to_thread(pin_socket, self.path, self.uid)
+        if self._fd >= 0 and _same_file(fd, self._fd):
+            os.close(fd)
+        else:
+            old, self._fd = self._fd, fd
+            if old >= 0:
+                os.close(old)
+        return Dial(f"unix:/proc/self/fd/{self._fd}")
+
+    async def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def _same_file(a: int, b: int) -> bool:
+    first, second = os.fstat(a), os.fstat(b)
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
+
+
+def pin_socket(path: Path, uid: int) -> int:
+    """An ``O_PATH`` descriptor of the unix socket ``path``, owned by ``uid`` (blocking)."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise runner_errors.Unavailable(f"the runner's socket {path} does not exist yet") from None
+    info = os.fstat(fd)
+    if not stat.S_ISSOCK(info.st_mode) or info.st_uid != uid:
+        os.close(fd)
+        raise runner_errors.PermissionDenied(
+            f"{path} is not a socket of uid {uid}: the sandbox replaced its runner's socket "
+            "(a symlink?), so it is not connected to; destroy the sandbox"
+        )
+    return fd

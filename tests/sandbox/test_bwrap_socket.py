@@ -1,0 +1,62 @@
+"""The bubblewrap sandbox can write the directory of its runner's socket; whatever it puts
+there in the socket's place, the host never follows it to another socket."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from forgehand.runner import errors as runner_errors
+from forgehand.runner.model import RunSpec
+from forgehand.sandbox import cgroups
+from forgehand.sandbox.bwrap_backend import RUNNER_SOCKET, BwrapBackend, BwrapBackendConfig
+from forgehand.sandbox.spec import SandboxSpec
+
+pytestmark = [
+    pytest.mark.needs_root,
+    pytest.mark.skipif(shutil.which("bwrap") is None, reason="install the `bubblewrap` package"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: cgroups and tmpfs mounts"),
+    pytest.mark.skipif(
+        len(cgroups.detect_hierarchies()) < len(cgroups.Controller),
+        reason="needs memory, pids and cpu cgroup controllers",
+    ),
+]
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="fh-bs-", dir="/tmp"))
+    path.chmod(0o711)
+    yield path
+    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    for mount in reversed([m for m in mounts if m.startswith(f"{path}/")]):
+        subprocess.run(["umount", "-l", mount], check=False)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def test_a_symlink_put_in_place_of_the_runner_socket_is_not_followed(base: Path) -> None:
+    decoy = socket.socket(socket.AF_UNIX)
+    decoy.bind(str(base / "decoy.sock"))
+    decoy.listen()
+    spec = SandboxSpec.model_validate(
+        {"work_dir": {"host_path": str(base / "work"), "size_bytes": "16M"}}
+    )
+    backend = BwrapBackend(BwrapBackendConfig(state_dir=base / "state"))
+    async with backend.create(spec) as sandbox:
+        swap = f"mv {RUNNER_SOCKET} {RUNNER_SOCKET}.real && ln -s {base}/decoy.sock {RUNNER_SOCKET}"
+        swapped = await sandbox.client.run(RunSpec(argv=("sh", "-c", swap)))
+        assert swapped.ok, swapped.stderr
+        await sandbox.client.transport.reconnect()  # the next dial finds the symlink
+        with pytest.raises(runner_errors.PermissionDenied, match="replaced its runner's socket"):
+            await sandbox.client.capabilities()
+    decoy.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        decoy.accept()
+    decoy.close()
