@@ -23,7 +23,13 @@ from forgehand.runner.model import ExitReason, RunSpec
 from forgehand.sandbox import cgroups, procs
 from forgehand.sandbox.backend import BACKENDS
 from forgehand.sandbox.errors import IsolationUnavailable
-from forgehand.sandbox.gvisor import GVisorBackend, GVisorConfig, SandboxState, check_host
+from forgehand.sandbox.gvisor import (
+    GVisorBackend,
+    GVisorConfig,
+    GVisorSandbox,
+    SandboxState,
+    check_host,
+)
 from forgehand.sandbox.rootfs import is_mount_point
 from forgehand.sandbox.spec import SandboxSpec
 
@@ -283,3 +289,22 @@ async def test_reap_removes_a_crashed_owners_sandbox(base: Path) -> None:
     assert not is_mount_point(base / "work")
     names = [g.name for g in cgroups.list_groups()]
     assert not any(name.startswith(sandbox_id) for name in names)
+
+
+@pytest.mark.parametrize("delay", [0.02, 0.15, 0.5])
+async def test_a_cancelled_start_leaves_nothing_behind(base: Path, delay: float) -> None:
+    """Cancelling a start at any point tears down what was made, and no thread still
+    working when the cancel came adds files afterwards."""
+    state = base / "state"
+    sandbox = GVisorSandbox(make_spec(base), GVisorConfig(state_dir=state))
+    starting = asyncio.create_task(sandbox.start())
+    await asyncio.sleep(delay)
+    starting.cancel()
+    outcome = (await asyncio.gather(starting, return_exceptions=True))[0]
+    if outcome is None:  # it was quicker than the cancel
+        await sandbox.destroy()
+    else:
+        assert isinstance(outcome, asyncio.CancelledError)
+    assert sandbox.state in (SandboxState.FAILED, SandboxState.DESTROYED)
+    await asyncio.sleep(0.5)  # a racing thread would have written by now
+    assert not state.exists() or list(state.iterdir()) == []

@@ -321,7 +321,7 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         """Every host process that exists because of this sandbox: the subreaper and what
         it holds (runsc's sandbox, gofer and systrap stub processes), and this process's
         runsc helpers for it (the exec channels of the runner client, ``runsc wait``)."""
-        return await asyncio.to_thread(self._member_pids)
+        return await rootfs.blocking(self._member_pids)
 
     def _member_pids(self) -> set[int]:
         table = procs.snapshot()
@@ -335,14 +335,14 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         the whole sandbox (``ended.reason`` is ``oom``); when it picks a gVisor stub process
         instead, only the run that used the memory fails, and this is how to tell."""
         group = self._group
-        return group is not None and await asyncio.to_thread(group.oom_kills) > 0
+        return group is not None and await rootfs.blocking(group.oom_kills) > 0
 
     async def _launch(self) -> None:
         check_spec(self.spec)
-        await asyncio.to_thread(check_host, self.config)
-        self._work_made = not await asyncio.to_thread(self.work_dir.exists)
+        await rootfs.blocking(check_host, self.config)
+        self._work_made = not await rootfs.blocking(self.work_dir.exists)
         entry = own_entry(NAME, self._id, self.work_dir, self._work_made)
-        await asyncio.to_thread(self._registry.add, entry)
+        await rootfs.blocking(self._registry.add, entry)
         await self._make_cgroup()
         await rootfs.mount_work_dir(self.work_dir, self.spec.work_dir_bytes)
         self._work_mounted = True
@@ -350,24 +350,24 @@ class GVisorSandbox(rootfs.ManagedSandbox):
             self._proxy = await rootfs.start_egress(
                 self._dir, self.spec.network, self.config, self._resolver
             )
-        await asyncio.to_thread(self._write_bundle)
+        await rootfs.blocking(self._write_bundle)
         await self._run_sandbox()
         await self._wait_ready()
-        await asyncio.to_thread(self._fit_pids_limit)
+        await rootfs.blocking(self._fit_pids_limit)
         if self._proxy is not None:
             async with asyncio.timeout(self.config.ready_timeout_seconds):
                 await rootfs.start_forwarder(self._client)
-        self._achieved = await asyncio.to_thread(self._read_achieved)
+        self._achieved = await rootfs.blocking(self._read_achieved)
         self._watcher = asyncio.create_task(self._watch())
 
     async def _make_cgroup(self) -> None:
-        self._group = await asyncio.to_thread(CgroupGroup.create, self._id)
+        self._group = await rootfs.blocking(CgroupGroup.create, self._id)
         limits = self.spec.limits
         boot_pids = BOOT_PIDS + self.config.pids_per_task * limits.pids
-        await asyncio.to_thread(
+        await rootfs.blocking(
             self._group.set_limits, limits.memory_bytes, boot_pids, limits.cpu_cores
         )
-        self._pids_events_before = await asyncio.to_thread(_pids_events, self._group)
+        self._pids_events_before = await rootfs.blocking(_pids_events, self._group)
 
     def _write_bundle(self) -> None:
         assert self._group is not None
@@ -407,7 +407,7 @@ class GVisorSandbox(rootfs.ManagedSandbox):
     async def _wait_ready(self) -> None:
         deadline = _now() + self.config.ready_timeout_seconds
         log = self._dir / "runner.log"
-        while b"serving on" not in await asyncio.to_thread(_read_bytes, log):
+        while b"serving on" not in await rootfs.blocking(_read_bytes, log):
             if _now() > deadline or not await self._running():
                 raise await self._launch_error("the runner did not start")
             await asyncio.sleep(0.02)
@@ -426,7 +426,7 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         return [self.config.runsc, "--root", str(self.config.runsc_root), "state", self._id]
 
     async def _launch_error(self, what: str) -> SandboxLaunchError:
-        text = await asyncio.to_thread(rootfs.tail, self._dir / "runner.log")
+        text = await rootfs.blocking(rootfs.tail, self._dir / "runner.log")
         return SandboxLaunchError(
             f"gvisor sandbox {self._id}: {what}; runner/runsc output: {text or '(empty)'}; "
             f"check the runsc version (`runsc --version`, want bookworm-backports) and that "
@@ -465,7 +465,7 @@ class GVisorSandbox(rootfs.ManagedSandbox):
             waiter.cancel()
             await asyncio.gather(waiter, return_exceptions=True)
         _, output = waiter.result()
-        self._ended = await asyncio.to_thread(self._end_reason, output)
+        self._ended = await rootfs.blocking(self._end_reason, output)
         if self.state is SandboxState.READY:
             self.state = SandboxState.ENDED
 
@@ -492,7 +492,7 @@ class GVisorSandbox(rootfs.ManagedSandbox):
             pid = 0
         if group is None or pid <= 0:
             return None
-        return await asyncio.to_thread(procs.pidfd_if, pid, lambda p: p in group.pids())
+        return await rootfs.blocking(procs.pidfd_if, pid, lambda p: p in group.pids())
 
     def _runsc_wait(self) -> list[str]:
         return [self.config.runsc, "--root", str(self.config.runsc_root), "wait", self._id]
@@ -532,7 +532,7 @@ class GVisorSandbox(rootfs.ManagedSandbox):
             except Exception as exc:
                 failures.append(exc)
         if not failures:
-            await asyncio.to_thread(self._registry.remove, self._id)
+            await rootfs.blocking(self._registry.remove, self._id)
         return failures
 
     async def _stop_watcher(self) -> None:
@@ -558,7 +558,7 @@ class GVisorSandbox(rootfs.ManagedSandbox):
 
     async def _remove_cgroup(self) -> None:
         if self._group is not None:
-            await asyncio.to_thread(self._group.remove)
+            await rootfs.blocking(self._group.remove)
             self._group = None
 
     async def _unmount_work(self) -> None:
@@ -627,9 +627,9 @@ async def reap_entry(config: GVisorConfig, registry: Registry, entry: Entry) -> 
     await delete_runsc(config, entry.sandbox_id)
     name = f"{entry.sandbox_id}.{entry.owner_pid}-{entry.owner_start}"
     group = CgroupGroup(name, cgroups.detect_hierarchies())
-    await asyncio.to_thread(group.remove)
+    await rootfs.blocking(group.remove)
     await rootfs.unmount_work_dir(Path(entry.work_dir), entry.work_dir_made)
-    await asyncio.to_thread(registry.remove, entry.sandbox_id)
+    await rootfs.blocking(registry.remove, entry.sandbox_id)
 
 
 def _pids_events(group: CgroupGroup) -> int:

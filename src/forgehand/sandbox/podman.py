@@ -324,7 +324,7 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         hold (the runner, its keeper, runs), and any ``podman`` command this process is
         running for it."""
         container_id = await self._inspect("{{.Id}}")
-        return await asyncio.to_thread(self._member_pids, container_id)
+        return await rootfs.blocking(self._member_pids, container_id)
 
     def _member_pids(self, container_id: str) -> set[int]:
         table = procs.snapshot()
@@ -336,10 +336,10 @@ class PodmanSandbox(rootfs.ManagedSandbox):
 
     async def _launch(self) -> None:
         check_spec(self.spec)
-        await asyncio.to_thread(check_host, self.config)
-        self._work_made = not await asyncio.to_thread(self.work_dir.exists)
+        await rootfs.blocking(check_host, self.config)
+        self._work_made = not await rootfs.blocking(self.work_dir.exists)
         entry = own_entry(NAME, self._id, self.work_dir, self._work_made)
-        await asyncio.to_thread(self._registry.add, entry)
+        await rootfs.blocking(self._registry.add, entry)
         await rootfs.mount_sock_dir(self._sock_dir)
         self._sock_mounted = True
         await rootfs.mount_work_dir(self.work_dir, self.spec.work_dir_bytes)
@@ -348,11 +348,11 @@ class PodmanSandbox(rootfs.ManagedSandbox):
             self._proxy = await rootfs.start_egress(
                 self._dir, self.spec.network, self.config, self._resolver
             )
-        root = await asyncio.to_thread(
+        root = await rootfs.blocking(
             rootfs.prepare_rootfs, self._dir / "rootfs", self.spec, mount_points(self.spec)
         )
         profile = json.dumps(seccomp_profile())
-        await asyncio.to_thread((self._dir / "seccomp.json").write_text, profile)
+        await rootfs.blocking((self._dir / "seccomp.json").write_text, profile)
         await self._run_container(root)
         await self._wait_ready()
         if self._proxy is not None:
@@ -393,7 +393,7 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         self._reaper = await rootfs.spawn_subreaper(self.run_argv(root), log)
         status = await rootfs.subreaper_status(self._reaper)
         if status != 0:
-            text = await asyncio.to_thread(rootfs.tail, log)
+            text = await rootfs.blocking(rootfs.tail, log)
             what = "the subreaper failed" if status is None else f"status {status}"
             raise await self._launch_error(f"`podman run` failed ({what}): {text}")
 
@@ -401,7 +401,7 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         deadline = _now() + self.config.ready_timeout_seconds
         log = self._dir / "runner.log"
         polls = 0
-        while b"serving on" not in await asyncio.to_thread(_read_bytes, log):
+        while b"serving on" not in await rootfs.blocking(_read_bytes, log):
             polls += 1
             if _now() > deadline or (polls % 20 == 0 and not await self._running()):
                 raise await self._launch_error("the runner did not start")
@@ -423,7 +423,7 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         return text if code == 0 else ""
 
     async def _launch_error(self, what: str) -> SandboxLaunchError:
-        text = await asyncio.to_thread(rootfs.tail, self._dir / "runner.log")
+        text = await rootfs.blocking(rootfs.tail, self._dir / "runner.log")
         return SandboxLaunchError(
             f"podman sandbox {self._id}: {what}; runner output: {text or '(empty)'}; check "
             f"that {rootfs.RUNNER_PYTHON} can import forgehand and that runc is installed"
@@ -482,7 +482,7 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         if not (container_id and pid.isdigit()):
             return None
         belongs = functools.partial(_in_cgroup_of, container_id)
-        return await asyncio.to_thread(procs.pidfd_if, int(pid), belongs)
+        return await rootfs.blocking(procs.pidfd_if, int(pid), belongs)
 
     async def _end_reason(self, status: str) -> SandboxEnd:
         if self._expired:
@@ -514,7 +514,7 @@ class PodmanSandbox(rootfs.ManagedSandbox):
             except Exception as exc:
                 failures.append(exc)
         if not failures:
-            await asyncio.to_thread(self._registry.remove, self._id)
+            await rootfs.blocking(self._registry.remove, self._id)
         return failures
 
     async def _stop_watcher(self) -> None:
@@ -610,7 +610,7 @@ async def reap_entry(config: PodmanConfig, registry: Registry, entry: Entry) -> 
     await remove_container(config, entry.sandbox_id)
     await rootfs.unmount_sock_dir(registry.directory(entry.sandbox_id) / "sock")
     await rootfs.unmount_work_dir(Path(entry.work_dir), entry.work_dir_made)
-    await asyncio.to_thread(registry.remove, entry.sandbox_id)
+    await rootfs.blocking(registry.remove, entry.sandbox_id)
 
 
 def _in_cgroup_of(container_id: str, pid: int) -> bool:

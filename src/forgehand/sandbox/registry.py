@@ -30,6 +30,7 @@ from forgehand.sandbox.errors import SandboxLaunchError
 DEFAULT_ROOT = Path("/run/forgehand/sandboxes")
 RECORD = "record.json"
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+ORPHAN_AGE_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,36 @@ class Registry:
         """Delete the sandbox's directory and everything in it."""
         shutil.rmtree(self.directory(sandbox_id), ignore_errors=True)
 
+    def sweep_unrecorded(self, min_age_seconds: float = ORPHAN_AGE_SECONDS) -> list[str]:
+        """Delete sandbox directories that have no record (a start cut short between
+        creating the directory and recording it, or files a cleanup raced), once older than
+        ``min_age_seconds`` (a sandbox being created right now has no record yet either).
+        A directory with anything mounted below it is left alone. The ids removed."""
+        if not self.root.is_dir():
+            return []
+        mounted = _mount_points()
+        removed = []
+        for path in self.root.iterdir():
+            if not path.is_dir() or path.is_symlink() or (path / RECORD).exists():
+                continue
+            if not _ID_RE.match(path.name) or time.time() - path.stat().st_mtime < min_age_seconds:
+                continue
+            if any(m == path or m.is_relative_to(path) for m in mounted):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+        return removed
+
+
+def _mount_points() -> list[Path]:
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as info:
+        return [Path(_unescape(line.split()[4])) for line in info if line.strip()]
+
+
+def _unescape(field: str) -> str:
+    """Mount points in mountinfo escape space, tab, newline and backslash as octal."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
 
 def _write_atomic(path: Path, text: str) -> None:
     temporary = path.with_suffix(".tmp")
@@ -125,9 +156,14 @@ async def list_records(registry: Registry, backend: str) -> list[SandboxRecord]:
 async def reap_leftovers(
     registry: Registry, backend: str, reap_one: Callable[[Entry], Awaitable[None]]
 ) -> list[SandboxRecord]:
-    """Remove, with ``reap_one``, every sandbox of the backend whose owner is gone."""
+    """Remove, with ``reap_one``, every sandbox of the backend whose owner is gone, then
+    the directories that never got a record (``Registry.sweep_unrecorded``)."""
     entries = await asyncio.to_thread(registry.entries, backend)
     leftovers = [entry for entry in entries if not entry.owner_alive]
     for entry in leftovers:
         await reap_one(entry)
-    return [entry_record(backend, entry) for entry in leftovers]
+    swept = await asyncio.to_thread(registry.sweep_unrecorded)
+    return [entry_record(backend, entry) for entry in leftovers] + [
+        SandboxRecord(backend, name, "leftover", 0, "a start cut short: no record")
+        for name in swept
+    ]

@@ -25,12 +25,12 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import AsyncGenerator, Coroutine, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import forgehand
 from forgehand.runner.client import ExecConnector, RunnerClient
@@ -47,6 +47,8 @@ from forgehand.sandbox.runs import EGRESS_LOG
 from forgehand.sandbox.spec import DirRoot, ProxyNetwork, SandboxSpec
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+SETTLE_SECONDS = 60.0  # how long a cancelled start waits for a container command to end
 SANDBOX_UID = 1000
 SANDBOX_GID = 1000
 SANDBOX_USER = "sandbox"
@@ -127,7 +129,7 @@ def exec_client(argv: list[str]) -> RunnerClient:
 async def mount_sock_dir(host_path: Path) -> None:
     """A tiny tmpfs, mode 0700, owned by the sandbox user: the runner's socket goes there.
     Small, so the sandbox cannot fill the host's disk through it."""
-    await asyncio.to_thread(host_path.mkdir, 0o700)
+    await blocking(host_path.mkdir, 0o700)
     options = f"size={SOCK_DIR_BYTES},nr_inodes=16,mode=0700,uid={SANDBOX_UID},gid={SANDBOX_GID}"
     options += ",nosuid,nodev,noexec"
     await run_host(["mount", "-t", "tmpfs", "-o", options, "forgehand-sock", str(host_path)])
@@ -136,7 +138,7 @@ async def mount_sock_dir(host_path: Path) -> None:
 async def unmount_sock_dir(host_path: Path) -> None:
     """Unmount ``mount_sock_dir``'s tmpfs, if mounted (the state dir's removal does the rest)."""
     for _ in range(MAX_STACKED_MOUNTS):
-        if not await asyncio.to_thread(is_mount_point, host_path):
+        if not await blocking(is_mount_point, host_path):
             return
         await run_host(["umount", str(host_path)])
 
@@ -247,8 +249,8 @@ def check_work_path(spec: SandboxSpec) -> None:
 
 async def mount_work_dir(host_path: Path, size: int) -> bool:
     """Mount a size-capped tmpfs owned by the sandbox user; True if the dir was made."""
-    made = not await asyncio.to_thread(host_path.exists)
-    await asyncio.to_thread(host_path.mkdir, 0o755, True, True)
+    made = not await blocking(host_path.exists)
+    await blocking(host_path.mkdir, 0o755, True, True)
     options = f"size={size},mode=0755,uid={SANDBOX_UID},gid={SANDBOX_GID},nosuid,nodev"
     await run_host(["mount", "-t", "tmpfs", "-o", options, "forgehand-work", str(host_path)])
     return made
@@ -257,11 +259,11 @@ async def mount_work_dir(host_path: Path, size: int) -> bool:
 async def unmount_work_dir(host_path: Path, made: bool) -> None:
     """Unmount the work dir's tmpfs (its content goes with it); remove the dir if ours."""
     for _ in range(MAX_STACKED_MOUNTS):
-        if not await asyncio.to_thread(is_mount_point, host_path):
+        if not await blocking(is_mount_point, host_path):
             break
         await run_host(["umount", str(host_path)])
-    if made and await asyncio.to_thread(host_path.exists):
-        await asyncio.to_thread(host_path.rmdir)
+    if made and await blocking(host_path.exists):
+        await blocking(host_path.rmdir)
 
 
 def is_mount_point(path: Path) -> bool:
@@ -338,7 +340,7 @@ async def start_egress(
     """A host-side allowlisting proxy for one sandbox, on a socket the sandbox user may use.
     Its decision log is ``egress/decisions.jsonl``, mounted read-only at ``runs.EGRESS_LOG``."""
     egress = directory / "egress"
-    await asyncio.to_thread(egress.mkdir, 0o711)
+    await blocking(egress.mkdir, 0o711)
     proxy = EgressProxy(
         EgressConfig(
             socket_path=egress / "egress.sock",
@@ -350,7 +352,7 @@ async def start_egress(
         resolver=resolver,
     )
     await proxy.start()
-    await asyncio.to_thread(os.chown, proxy.socket_path, SANDBOX_UID, SANDBOX_GID)
+    await blocking(os.chown, proxy.socket_path, SANDBOX_UID, SANDBOX_GID)
     return proxy
 
 
@@ -387,7 +389,7 @@ async def spawn_subreaper(command: list[str], log: Path) -> asyncio.subprocess.P
     to ``log``. For runtimes that daemonize (``runsc run --detach``, conmon): what they
     leave behind is re-parented to the subreaper, which reaps it, not to PID 1, which
     does not reap on every machine. Read the exit code with ``subreaper_status``."""
-    fd = await asyncio.to_thread(_open_log, log)
+    fd = await blocking(_open_log, log)
     try:
         return await asyncio.create_subprocess_exec(
             *subreaper_argv(command),
@@ -401,9 +403,13 @@ async def spawn_subreaper(command: list[str], log: Path) -> asyncio.subprocess.P
 
 
 async def subreaper_status(process: asyncio.subprocess.Process) -> int | None:
-    """The exit code of the subreaper's command, or None if the subreaper failed."""
+    """The exit code of the subreaper's command, or None if the subreaper failed.
+
+    A cancelled caller still waits (up to ``SETTLE_SECONDS``) for the command to end:
+    deleting a container while ``runsc run`` or ``podman run`` is half-way through
+    creating it leaves what they create afterwards behind."""
     assert process.stdout is not None
-    line = (await process.stdout.readline()).strip()
+    line = (await finishing(process.stdout.readline(), SETTLE_SECONDS)).strip()
     return int(line) if line.lstrip(b"-").isdigit() else None
 
 
@@ -439,6 +445,25 @@ async def wait_exit(pidfd: int) -> None:
         await exited
     finally:
         loop.remove_reader(pidfd)
+
+
+async def finishing(work: Awaitable[T], limit: float | None = None) -> T:
+    """Await ``work``; if the caller is cancelled meanwhile, first let ``work`` finish (for
+    at most ``limit`` seconds), then let the cancellation go on. For steps that create
+    things outside this process, which the cleanup after a cancel must not race."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(task, limit)
+        raise
+
+
+async def blocking(fn: Callable[..., T], /, *args: Any) -> T:
+    """``asyncio.to_thread`` through ``finishing``: a thread cannot be stopped, so a
+    cancelled caller waits for it instead of cleaning up while it still writes files."""
+    return await finishing(asyncio.to_thread(fn, *args))
 
 
 async def uncancellable(coro: Coroutine[Any, Any, None]) -> None:
