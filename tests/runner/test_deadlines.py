@@ -49,6 +49,7 @@ def _calls(run_id: str) -> dict[str, Call]:
         "Capabilities": lambda t, d: t.capabilities(d),
         "Start": lambda t, d: t.start(start, d),
         "Attach": lambda t, d: drain(t.attach(pb.AttachRequest(run_id=run_id), d)),
+        "Session": lambda t, d: drain(t.follow(pb.AttachRequest(run_id=run_id), d)),
         "WriteStdin": lambda t, d: t.write_stdin(pb.WriteStdinRequest(run_id=run_id, data=b"x"), d),
         "ResizePty": lambda t, d: t.resize_pty(pb.ResizePtyRequest(run_id=run_id, size=size), d),
         "Cancel": lambda t, d: t.cancel(pb.CancelRequest(run_id=run_id), d),
@@ -141,6 +142,10 @@ async def expect_waits_then_expires(transport: RunnerTransport, run_id: str, wor
     with pytest.raises(errors.DeadlineExceeded):
         await drain(transport.attach(pb.AttachRequest(run_id=run_id), SHORT))
     assert loop.time() - began >= SHORT * 0.9
+    began = loop.time()
+    with pytest.raises(errors.DeadlineExceeded):
+        await drain(transport.follow(pb.AttachRequest(run_id=run_id), SHORT))
+    assert loop.time() - began >= SHORT * 0.9
     flood = pb.WriteStdinRequest(run_id=run_id, data=b"y" * STDIN_FLOOD)
     with pytest.raises(errors.DeadlineExceeded):
         await transport.write_stdin(flood, SHORT)
@@ -181,6 +186,8 @@ async def test_deadline_does_not_end_the_run(server: RunnerServer) -> None:
         )
         with pytest.raises(errors.DeadlineExceeded):
             await drain(client.transport.attach(pb.AttachRequest(run_id=run_id), SHORT))
+        with pytest.raises(errors.DeadlineExceeded):
+            await drain(client.transport.follow(pb.AttachRequest(run_id=run_id), SHORT))
         await client.write_stdin(run_id, b"late\n")
         result = await client.collect(run_id)
         assert result.stdout == b"got late\n"

@@ -132,8 +132,8 @@ async def test_cancel_is_graceful(client: RunnerClient) -> None:
 
 
 async def test_cancel_kills_after_grace(client: RunnerClient) -> None:
-    run_id = await client.start(sh("trap '' TERM; sleep 30"))
-    await _wait_started(client, run_id)
+    run_id = await client.start(sh("trap '' TERM; echo ready; sleep 30"))
+    await _wait_output(client, run_id, b"ready")  # the trap is set (Started comes before)
     await client.cancel(run_id, grace_seconds=0.2)
     result = await client.collect(run_id)
     assert result.exit.reason is ExitReason.CANCELLED

@@ -17,10 +17,12 @@ from typing import Any
 
 import pytest
 
+from forgehand.runner.keeper import KEEPER_COMM
 from forgehand.runner.model import ExitReason
 from forgehand.sandbox import cgroups
 from forgehand.sandbox.backend import choose_backend
 from forgehand.sandbox.bwrap_backend import (
+    DAEMON_OOM_SCORE_ADJ,
     BwrapBackend,
     BwrapBackendConfig,
     BwrapRunnerSandbox,
@@ -95,6 +97,36 @@ async def test_achieved_reports_what_the_kernel_applies(sandbox: BwrapRunnerSand
     # The runner's own share is added on top of the spec's limits, never taken from them.
     assert achieved.limits.memory_bytes >= 128 << 20
     assert achieved.limits.pids >= 64
+
+
+async def test_keeper_is_forked_and_only_the_daemon_is_oom_protected(
+    sandbox: BwrapRunnerSandbox,
+) -> None:
+    await sandbox.run(["true"])
+    runner = {}
+    for pid in await sandbox.member_pids():
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+        if name != "bwrap" and b"forgehand.runner.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            runner[name] = int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+    # A keeper (bwrap's command, --supervise) and the daemon it forked (same cmdline, the
+    # keeper renamed): the OOM killer
+    # may pick the keeper (runs inherit its score), never the daemon. Lowering a score
+    # needs CAP_SYS_RESOURCE, which root lacks on some VMs (then the daemon keeps 0).
+    protected = DAEMON_OOM_SCORE_ADJ if _has_cap_sys_resource() else 0
+    assert runner == {"python": protected, KEEPER_COMM: 0}
+
+
+def _has_cap_sys_resource() -> bool:
+    status = Path("/proc/self/status").read_text()
+    effective = next(line for line in status.splitlines() if line.startswith("CapEff:"))
+    return bool(int(effective.split()[1], 16) >> 24 & 1)
+
+
+async def test_runner_is_ready_without_polling(backend: BwrapBackend, base: Path) -> None:
+    async with backend.create(make_spec(base)) as sandbox:
+        log = (sandbox.directory / "runner.log").read_text()
+        assert "serving on" in log
+        assert sandbox._ready_fd == -1  # the ready pipe was read and closed
 
 
 async def test_work_dir_is_shared_with_the_host(sandbox: BwrapRunnerSandbox) -> None:

@@ -2,8 +2,11 @@
 
 - exec_rtt_ms: a no-op command (`true`) started and awaited through the runner (over its
   unix socket, and over the stdio proxy as an exec channel would) vs
-  ``asyncio.create_subprocess_exec`` on the host, all in one run.
-- stream_mb_s: 256 MiB of stdout through the runner (journal included) vs a local pipe.
+  ``asyncio.create_subprocess_exec`` on the host, all in one run, in turns (one call of
+  each per round, so load from elsewhere on the machine falls on all alike);
+  exec_p50_x_host is each runner p50 over the host's.
+- stream_mb_s: 256 MiB of stdout through the runner (journal included) vs a local pipe,
+  in turns, three times each (medians).
 - reconnect: 100 forced disconnects during a 64 MiB output run, through a relay whose
   connections are cut; bytes lost and duplicated are counted against the known output,
   and resume time is from the cut to the next event delivered.
@@ -37,6 +40,7 @@ from forgehand.runner.tuning import tune_malloc
 
 MIB = 1024 * 1024
 BLOCK = 64 * 1024
+STREAM_ROUNDS = 3
 # Writes `blocks` 64 KiB blocks, each stamped with its index, flushing each one and pausing
 # briefly so the output arrives as many events (each a chance to cut the connection).
 GENERATOR = (
@@ -76,8 +80,10 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     base = Path(tempfile.mkdtemp(prefix="fh-bench-", dir=args.state_parent))
     try:
         async with daemon(base, journal_mib=max(512, 2 * args.stream_mib)) as socket:
+            rtt = await exec_rtt(socket, args.runs)
             return {
-                "exec_rtt_ms": await exec_rtt(socket, args.runs),
+                "exec_rtt_ms": rtt,
+                "exec_p50_x_host": versus_host(rtt),
                 "stream_mb_s": await stream(socket, args.stream_mib),
                 "reconnect": await reconnect(socket, base, args.reconnect_mib, args.disconnects),
                 "machine": machine(),
@@ -143,14 +149,20 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     return {"p50": round(statistics.median(ordered), 3), "p99": round(p99, 3)}
 
 
-async def timed(call: Callable[[], Awaitable[object]], runs: int) -> list[float]:
+async def timed(
+    calls: dict[str, Callable[[], Awaitable[object]]], runs: int
+) -> dict[str, list[float]]:
+    """Run each call ``runs`` times, in turns (one of each per round, so a load that comes and
+    goes on the machine falls on all of them alike); ms per call, by name."""
     for _ in range(max(5, runs // 10)):  # warm up
-        await call()
-    samples = []
+        for call in calls.values():
+            await call()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(runs):
-        start = time.perf_counter()
-        await call()
-        samples.append((time.perf_counter() - start) * 1000)
+        for name, call in calls.items():
+            start = time.perf_counter()
+            await call()
+            samples[name].append((time.perf_counter() - start) * 1000)
     return samples
 
 
@@ -163,30 +175,47 @@ async def exec_rtt(socket: Path, runs: int) -> dict[str, dict[str, float]]:
 
     proxy = [sys.executable, "-m", "forgehand.runner.cli", "proxy", "--socket", str(socket)]
     async with RunnerClient.unix(socket) as unix, RunnerClient.exec(proxy) as stdio:
-        return {
-            "runner_unix": percentiles(await timed(lambda: unix.run(spec), runs)),
-            "runner_stdio_proxy": percentiles(await timed(lambda: stdio.run(spec), runs)),
-            "host_subprocess": percentiles(await timed(host, runs)),
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "runner_unix": lambda: unix.run(spec),
+            "runner_stdio_proxy": lambda: stdio.run(spec),
+            "host_subprocess": host,
         }
+        samples = await timed(calls, runs)
+    return {name: percentiles(values) for name, values in samples.items()}
 
 
-async def stream(socket: Path, mib: int) -> dict[str, float]:
+def versus_host(rtt: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Each runner variant's exec p50 as a multiple of the host's (the target is <= 2)."""
+    host = rtt["host_subprocess"]["p50"]
+    variants = ("runner_unix", "runner_stdio_proxy")
+    return {name: round(rtt[name]["p50"] / host, 2) if host else 0.0 for name in variants}
+
+
+async def stream(socket: Path, mib: int, rounds: int = STREAM_ROUNDS) -> dict[str, float]:
+    """Runner and pipe in turns, ``rounds`` times each; the median of each."""
     argv = ("head", "-c", str(mib * MIB), "/dev/zero")
+    runner_s, pipe_s = [], []
     async with RunnerClient.unix(socket) as client:
-        start = time.perf_counter()
-        received = 0
-        run_id = await client.start(RunSpec(argv=argv))
-        async for event in client.attach(run_id):
-            if isinstance(event, Output):
-                received += len(event.data)
-        runner_s = time.perf_counter() - start
-        await client.close_run(run_id)
-    pipe_s = await _pipe_seconds(argv)
-    assert received == mib * MIB, f"runner delivered {received} of {mib * MIB} bytes"
+        for _ in range(rounds):
+            runner_s.append(await _runner_seconds(client, argv, mib * MIB))
+            pipe_s.append(await _pipe_seconds(argv))
     return {
-        "runner": round(mib * MIB / runner_s / 1e6, 1),
-        "pipe": round(mib * MIB / pipe_s / 1e6, 1),
+        "runner": round(mib * MIB / statistics.median(runner_s) / 1e6, 1),
+        "pipe": round(mib * MIB / statistics.median(pipe_s) / 1e6, 1),
     }
+
+
+async def _runner_seconds(client: RunnerClient, argv: tuple[str, ...], size: int) -> float:
+    start = time.perf_counter()
+    received = 0
+    run_id = await client.start(RunSpec(argv=argv))
+    async for event in client.attach(run_id):
+        if isinstance(event, Output):
+            received += len(event.data)
+    seconds = time.perf_counter() - start
+    await client.close_run(run_id)
+    assert received == size, f"runner delivered {received} of {size} bytes"
+    return seconds
 
 
 async def _pipe_seconds(argv: tuple[str, ...]) -> float:

@@ -2,14 +2,25 @@
 
 forgehand-runner serve --socket PATH --state-dir DIR [--root DIR]… [--tcp HOST:PORT
                        --tls-cert F --tls-key F --token-file F]
+                       [--fork-keeper | --supervise [--max-restarts N]] [--ready-fd N]
 forgehand-runner proxy --socket PATH
+
+Start-up is ordered for sandboxes, where a daemon and its keeper run in each one: with
+``--fork-keeper`` the daemon imports everything, then forks the keeper before it starts a
+thread or an event loop, so the keeper shares the interpreter and every module
+copy-on-write instead of starting its own. ``--supervise`` forks the other way round: this
+process becomes the keeper and the daemon is its child, restarted when it crashes — for
+the process a sandbox runs, whose exit ends the sandbox (``forgehand.runner.supervisor``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -34,6 +45,28 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--journal-max-bytes", type=int, default=64 * 1024 * 1024)
     serve.add_argument("--memory-events", default="", help="cgroup memory.events for OOM")
     serve.add_argument("--log-level", default="WARNING")
+    start = serve.add_mutually_exclusive_group()
+    start.add_argument(
+        "--fork-keeper",
+        action="store_true",
+        help="start the keeper by forking early (shares memory; for sandboxes)",
+    )
+    start.add_argument(
+        "--supervise",
+        action="store_true",
+        help="become the keeper and run the daemon as a child, restarted if it crashes "
+        "(for the process a sandbox runs)",
+    )
+    serve.add_argument(
+        "--max-restarts",
+        type=int,
+        default=5,
+        help="with --supervise: give up (and exit) at the crash after this many restarts "
+        "within a minute",
+    )
+    serve.add_argument(
+        "--ready-fd", type=int, help="write 'ready' to this inherited fd once serving, close it"
+    )
     proxy = commands.add_parser("proxy", help="bridge stdin/stdout to the daemon's socket")
     proxy.add_argument("--socket", type=Path, required=True)
     return parser
@@ -59,7 +92,24 @@ async def _serve(args: argparse.Namespace, config: RunnerConfig) -> None:
         where = [str(args.socket)] if args.socket else []
         where += [f"tcp port {server.tcp_port}"] if args.tcp else []
         print(f"forgehand-runner: serving on {', '.join(where)}", file=sys.stderr, flush=True)
+        _announce_ready(args.ready_fd)
         await stop.wait()
+
+
+def _import_server() -> None:
+    import forgehand.runner.server  # noqa: F401
+
+
+def _announce_ready(fd: int | None) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, b"ready\n")
+    except OSError as exc:
+        print(f"forgehand-runner: cannot write to --ready-fd {fd}: {exc}", file=sys.stderr)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,15 +119,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return run(args.socket)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # Imported here so that `proxy`, which runs once per exec-channel connection, starts fast.
+    from forgehand.runner.config import ConfigError, RunnerConfig
+    from forgehand.runner.keeper_client import fork_keeper, keeper_settings
     from forgehand.runner.tuning import tune_malloc
 
     tune_malloc()
-    # Imported here so that `proxy`, which runs once per exec-channel connection, starts fast.
-    from pydantic import ValidationError
-
-    from forgehand.runner import errors
-    from forgehand.runner.config import RunnerConfig
-
     try:
         config = RunnerConfig(
             state_dir=args.state_dir,
@@ -86,10 +133,33 @@ def main(argv: list[str] | None = None) -> int:
             journal_max_bytes_per_run=args.journal_max_bytes,
             memory_events=args.memory_events,
         )
-        asyncio.run(_serve(args, config))
-    except ValidationError as exc:
-        print(f"forgehand-runner: invalid settings:\n{exc}", file=sys.stderr)
+    except ConfigError as exc:
+        print(f"forgehand-runner: invalid settings: {exc}", file=sys.stderr)
         return 2
+    _import_server()
+    if args.supervise:
+        from forgehand.runner.supervisor import supervise
+
+        try:
+            config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            print(f"forgehand-runner: cannot create --state-dir: {exc}", file=sys.stderr)
+            return 2
+        daemon = functools.partial(_daemon, args, config)
+        return supervise(keeper_settings(config), daemon, args.ready_fd, args.max_restarts)
+    keeper = fork_keeper(keeper_settings(config)) if args.fork_keeper else None
+    if keeper is not None:
+        keeper.wait()  # if it failed, the core spawns one (or says why)
+    return _daemon(args, config, args.ready_fd)
+
+
+def _daemon(args: argparse.Namespace, config: RunnerConfig, ready_fd: int | None) -> int:
+    """Serve until SIGTERM or SIGINT; the exit status (2: the daemon cannot start)."""
+    from forgehand.runner import errors
+
+    args.ready_fd = ready_fd
+    try:
+        asyncio.run(_serve(args, config))
     except errors.RunnerError as exc:
         print(f"forgehand-runner: {exc}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ import re
 import shutil
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,8 +34,10 @@ from forgehand.runner import errors
 from forgehand.runner.config import RunnerConfig
 from forgehand.runner.journal import (
     JournalReader,
+    Payload,
     journal_bytes,
     list_segments,
+    parse_event,
     read_exit_record,
     write_lost_exit,
 )
@@ -55,11 +57,16 @@ FEATURES = (
     "output-limit",
     "journal",
     "files",
+    "session",
 )
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_ARGS_BYTES = 1024 * 1024
 PRUNE_INTERVAL = 60.0
 FIRST_BATCH_BYTES = 64 * 1024
+# How long the first batch waits for more when it holds only Started: a short command's
+# Started, output and exit then leave in one message (the keeper announces a live run's
+# Started after ANNOUNCE_DELAY, so the wait ends by then anyway).
+STARTED_ALONE_WAIT = 0.003
 CLOSE_WAIT_SECONDS = 10.0
 
 
@@ -67,9 +74,36 @@ CLOSE_WAIT_SECONDS = 10.0
 class AttachBatch:
     """Serialized events (in seq order), or a handback when the wait time ran out."""
 
-    events: list[bytes]
+    events: list[Payload]
     handback: bool = False
     ended: bool = False
+    final: bool = False  # the attach ends with this batch
+
+
+class Wakeup:
+    """Set once (when a run's journal grew or the run ended); any number may wait for it,
+    each with its own timeout. Cheaper than ``wait_for(event.wait())``, which makes a
+    task per wait, and attachers wait once per batch."""
+
+    __slots__ = ("_future", "_set")
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[None] | None = None
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
+
+    async def wait(self, seconds: float | None = None) -> None:
+        """Return once set, or after ``seconds`` (None: no limit)."""
+        if self._set:
+            return
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+        # asyncio.wait does not cancel the shared future when one waiter is cancelled.
+        await asyncio.wait((self._future,), timeout=seconds)
 
 
 @dataclass
@@ -82,18 +116,21 @@ class RunHandle:
     pid: int = 0
     closed: bool = False
     final_bytes: int = 0  # journal size once the run has ended (it no longer changes)
-    _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    # Its journal is written by the live keeper (or was, to its end, in this daemon's
+    # life): readers need not verify checksums (see JournalReader.read).
+    trusted: bool = False
+    _wakeup: Wakeup = field(default_factory=Wakeup)
+    journal: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.journal = self.directory / "journal"
 
     @property
-    def journal(self) -> Path:
-        return self.directory / "journal"
-
-    @property
-    def wakeup(self) -> asyncio.Event:
+    def wakeup(self) -> Wakeup:
         return self._wakeup
 
     def notify(self) -> None:
-        old, self._wakeup = self._wakeup, asyncio.Event()
+        old, self._wakeup = self._wakeup, Wakeup()
         old.set()
 
 
@@ -104,6 +141,8 @@ class RunnerCore:
         self.config = config
         self.runs_dir = config.state_dir / "runs"
         self._runs: dict[str, RunHandle] = {}
+        self._running: set[str] = set()  # ids of runs in _runs that have not ended
+        self._unsized: dict[str, RunHandle] = {}  # ended runs, journals not measured yet
         self._start_lock = asyncio.Lock()
         self._keeper = KeeperClient(
             KeeperSettings(
@@ -204,7 +243,7 @@ class RunnerCore:
         await self.start(start)
 
     def _check_capacity(self) -> None:
-        running = sum(1 for r in self._runs.values() if r.exited is None)
+        running = len(self._running)
         if running >= self.config.max_runs:
             raise errors.ResourceExhausted(
                 f"{running} runs are running, the limit is {self.config.max_runs}: "
@@ -220,39 +259,53 @@ class RunnerCore:
 
     def _journal_usage(self) -> int:
         """Finished runs' sizes are kept; only running runs' journals are measured."""
-        running = sum(journal_bytes(r.journal) for r in self._runs.values() if not r.exited)
+        self._size_finished()
+        running = sum(journal_bytes(self._runs[r].journal) for r in self._running)
         return self._finished_bytes + running
 
     def _set_exited(self, run: RunHandle, exited: pb.Event | None) -> None:
         if exited is not None and run.exited is None:
+            self._running.discard(run.run_id)
+            self._unsized[run.run_id] = run
+            if len(self._unsized) == 1:
+                # Sized after the exit has been sent on (a delay-0 timer runs after the
+                # callbacks ready now): measuring a journal is not on a client's path.
+                asyncio.get_running_loop().call_later(0, self._size_finished)
+        run.exited = exited
+
+    def _size_finished(self) -> None:
+        for run in self._unsized.values():
             run.final_bytes = journal_bytes(run.journal)
             self._finished_bytes += run.final_bytes
-        run.exited = exited
+        self._unsized.clear()
 
     def _drop(self, run: RunHandle) -> None:
         """Take a run out of the registry (its files are removed by the caller)."""
         run.closed = True
         run.notify()
+        self._running.discard(run.run_id)
+        self._size_finished()
         if self._runs.pop(run.run_id, None) is not None and run.exited is not None:
             self._finished_bytes -= run.final_bytes
 
     async def _create(self, request: pb.StartRequest) -> RunHandle:
+        # The keeper makes the run's directory and stores request.pb in it before it
+        # spawns anything, so a run the daemon did not live to register is still found.
         directory = self.runs_dir / request.run_id
-        if directory.exists():  # a leftover of a run closed while the daemon was down
-            await asyncio.to_thread(shutil.rmtree, directory, True)
-        directory.mkdir(mode=0o700)
-        _write_atomic(directory / "request.pb", request.SerializeToString())
         run = RunHandle(
             run_id=request.run_id,
             directory=directory,
             request=request,
             created_ns=time.time_ns(),
+            trusted=True,
         )
         self._runs[run.run_id] = run
+        self._running.add(run.run_id)
         try:
             pid = await self._keeper.request("S", request.SerializeToString())
         except errors.RunnerError as exc:
             self._runs.pop(run.run_id, None)
+            self._running.discard(run.run_id)
             await asyncio.to_thread(shutil.rmtree, directory, True)
             raise errors.Unavailable(f"cannot start the run: {exc}") from exc
         run.pid = int(pid or 0)
@@ -265,11 +318,18 @@ class RunnerCore:
             run = self._runs.get(run_id)
             if run is not None:
                 run.notify()
+        loop = asyncio.get_running_loop()
         for run_id in ended:
             run = self._runs.get(run_id)
             if run is not None:
-                self._set_exited(run, read_exit_record(run.journal))
-                run.notify()
+                run.notify()  # an attacher reads the exit from the journal, and records it
+                loop.call_later(0, self._record_exit, run)
+
+    def _record_exit(self, run: RunHandle) -> None:
+        """Record an ended run's exit if no attacher has (the registry must show it)."""
+        if run.exited is None and not run.closed:
+            self._set_exited(run, read_exit_record(run.journal))
+            run.notify()  # for those who wait for the registry (close --force)
 
     def _on_keeper_lost(self) -> None:
         if self._stopping:
@@ -287,6 +347,7 @@ class RunnerCore:
             log.exception("cannot restart the runner's keeper; new runs will fail")
 
     def _mark_lost(self, run: RunHandle, why: str) -> None:
+        run.trusted = False  # the lost exit goes after whatever the keeper left, torn or not
         exited = read_exit_record(run.journal)
         if exited is None:
             seq = _last_seq(run.journal) + 1
@@ -313,6 +374,9 @@ class RunnerCore:
             )
             self._set_exited(run, read_exit_record(run.journal))
             self._runs[run.run_id] = run
+            if run.exited is None:
+                self._running.add(run.run_id)
+                run.trusted = run.run_id in live
             if run.exited is None and run.run_id not in live:
                 self._mark_lost(run, "its keeper is gone")
 
@@ -326,7 +390,7 @@ class RunnerCore:
 
     async def attach(
         self, run_id: str, after_seq: int, wait_seconds: float, max_batch_bytes: int = 0
-    ) -> AsyncIterator[AttachBatch]:
+    ) -> AsyncGenerator[AttachBatch, None]:
         """Replay and tail a run's events after ``after_seq``."""
         if not math.isfinite(wait_seconds) or wait_seconds < 0:
             raise errors.InvalidArgument("wait_seconds must be a finite number >= 0")
@@ -353,34 +417,37 @@ class RunnerCore:
             wakeup = run.wakeup
             exited = run.exited
             # Journal files are local and page-cached; reads are bounded by the batch size.
-            records = reader.read(first or budget)
+            records = reader.read(first or budget, verify=not run.trusted)
+            if first and exited is None and len(records) == 1 and records[0][0] == 1:
+                records += await _more_after_started(run, reader, wakeup, first)
+                exited = run.exited
             first = 0
             if records:
                 exited = exited or self._exit_in(run, records[-1][1])
-                yield AttachBatch([payload for _seq, payload in records])
-                if exited is not None and reader.last_seq >= exited.seq:
+                done = exited is not None and reader.last_seq >= exited.seq
+                yield AttachBatch([payload for _seq, payload in records], final=done)
+                if done:
                     return
                 continue
             if run.closed:
                 raise errors.NotFound(f"run {run.run_id!r} was closed while attached")
             if exited is not None:
                 if reader.last_seq < exited.seq:  # the journal lost it (disk full)
-                    yield AttachBatch([exited.SerializeToString()])
+                    yield AttachBatch([exited.SerializeToString()], final=True)
                 else:
-                    yield AttachBatch([], ended=True)
+                    yield AttachBatch([], ended=True, final=True)
                 return
             timeout = None if deadline is None else deadline - loop.time()
             if timeout is not None and timeout <= 0:
-                yield AttachBatch([], handback=True)
+                yield AttachBatch([], handback=True, final=True)
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wakeup.wait(), timeout)
+            await wakeup.wait(timeout)
 
-    def _exit_in(self, run: RunHandle, payload: bytes) -> pb.Event | None:
+    def _exit_in(self, run: RunHandle, payload: Payload) -> pb.Event | None:
         """The run's exit, if this record is it. A client may learn of the exit from the
         journal before the keeper's notification arrives; the registry must not lag behind
         what a client has seen (a start right after would count the run as running)."""
-        event = pb.Event.FromString(payload)
+        event = parse_event(payload)
         if not event.HasField("exited"):
             return None
         self._set_exited(run, event)
@@ -465,9 +532,7 @@ class RunnerCore:
     async def _wait_exited(self, run: RunHandle) -> None:
         deadline = asyncio.get_running_loop().time() + CLOSE_WAIT_SECONDS
         while run.exited is None and asyncio.get_running_loop().time() < deadline:
-            wakeup = run.wakeup
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wakeup.wait(), 0.5)
+            await run.wakeup.wait(0.5)
 
     async def _forget(self, run: RunHandle) -> None:
         self._drop(run)
@@ -500,17 +565,19 @@ class RunnerCore:
             shutil.rmtree(run.directory, ignore_errors=True)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+async def _more_after_started(
+    run: RunHandle, reader: JournalReader, wakeup: Wakeup, budget: int
+) -> list[tuple[int, Payload]]:
+    """What follows a run's Started within STARTED_ALONE_WAIT (often all of a short run)."""
+    await wakeup.wait(STARTED_ALONE_WAIT)
+    return reader.read(budget, verify=not run.trusted)
 
 
 def _started_pid(journal: Path) -> int:
     reader = JournalReader(journal, 0)
     try:
         for _seq, payload in reader.read(4096):
-            event = pb.Event.FromString(payload)
+            event = parse_event(payload)
             if event.HasField("started"):
                 return event.started.pid
             break

@@ -11,6 +11,9 @@ A record is ``u32 length | u32 crc32(payload) | u64 seq | payload`` where the pa
 serialized ``forgehand.runner.v1.Event``. One process (the run's supervisor) writes; any
 number of readers follow. A segment is final once a later one exists, so a reader that
 reached the end of a segment and sees a successor re-reads the tail once, then moves on.
+The writer appends whole records only (a short write is cut off again), so a reader
+checks a record's checksum only where a crash may have left a torn one (see
+``JournalReader.read``).
 
 Bounding: the writer starts a new segment every ``segment_bytes``. When the journal exceeds
 ``max_bytes``, whole segments from the middle are deleted (the head segments written while
@@ -32,6 +35,7 @@ sandbox does not survive a power loss anyway.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import struct
 import time
@@ -51,6 +55,9 @@ EXIT_RESERVE_BYTES = 4096
 MAX_RECORD_BYTES = 64 * 1024 * 1024
 MAX_SEGMENT_BYTES = 4 * 1024 * 1024
 MIN_READ_BYTES = 64 * 1024
+SMALL_READ_BYTES = 256 * 1024  # a read of many small records; a large one is read alone
+
+Payload = bytes | memoryview  # a record's serialized Event; a view into the bytes read
 
 
 class JournalCorrupt(Exception):
@@ -63,6 +70,11 @@ def segment_name(first_seq: int) -> str:
 
 def list_segments(directory: Path) -> list[tuple[int, Path]]:
     """The journal's segments as (first_seq, path), oldest first."""
+    return [(first, Path(path)) for first, path in _segments(directory)]
+
+
+def _segments(directory: Path | str) -> list[tuple[int, str]]:
+    """``list_segments`` with plain string paths (readers call it on their hot path)."""
     found = []
     with contextlib.suppress(FileNotFoundError), os.scandir(directory) as entries:
         for entry in entries:
@@ -70,9 +82,18 @@ def list_segments(directory: Path) -> list[tuple[int, Path]]:
             if name.startswith(SEGMENT_PREFIX) and name.endswith(SEGMENT_SUFFIX):
                 digits = name[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)]
                 if digits.isdigit():
-                    found.append((int(digits), Path(entry.path)))
+                    found.append((int(digits), entry.path))
     found.sort()
     return found
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def encode_record(seq: int, payload: bytes) -> bytes:
@@ -92,7 +113,7 @@ def journal_bytes(directory: Path) -> int:
 @dataclass
 class _Segment:
     first_seq: int
-    path: Path
+    path: str
     size: int = 0
     last_seq: int = 0
     output_bytes: int = 0
@@ -111,23 +132,25 @@ class JournalWriter:
     _segments: list[_Segment] = field(default_factory=list)
     _fd: int = -1
     _exit_fd: int = -1
+    _dir: str = ""
 
     def __post_init__(self) -> None:
         if self.segment_bytes <= 0:
             # Small enough that a resumed reader finds its place quickly, large enough that
             # the middle is dropped in useful pieces.
             self.segment_bytes = min(MAX_SEGMENT_BYTES, max(64 * 1024, self.max_bytes // 16))
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._dir = os.fspath(self.directory)
+        os.makedirs(self._dir, exist_ok=True)
         self._reserve_exit_record()
         self._open_segment(self.next_seq)
 
     def _reserve_exit_record(self) -> None:
-        path = self.directory / EXIT_FILE
+        path = os.path.join(self._dir, EXIT_FILE)
         self._exit_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.posix_fallocate(self._exit_fd, 0, EXIT_RESERVE_BYTES)
 
     def _open_segment(self, first_seq: int) -> None:
-        path = self.directory / segment_name(first_seq)
+        path = os.path.join(self._dir, segment_name(first_seq))
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         self._fd = os.open(path, flags, 0o600)
         head = self.total_bytes < self.max_bytes // 2
@@ -143,17 +166,39 @@ class JournalWriter:
         if not event.time_unix_ns:
             event.time_unix_ns = time.time_ns()
         record = encode_record(seq, event.SerializeToString())
-        os.write(self._fd, record)
+        self._write_whole([record], len(record))
         self.next_seq = seq + 1
-        self._account(len(record), seq, event)
+        output = len(event.output.data) if event.HasField("output") else 0
+        self._account(len(record), seq, output)
         return seq
 
-    def _account(self, size: int, seq: int, event: pb.Event) -> None:
+    def append_output(self, stream: int, data: bytes) -> int:
+        """``append`` of an Output event, encoded here rather than by protobuf: the data is
+        not copied into a message, a serialization and a record, only into the file."""
+        seq = self.next_seq
+        output = b"\x08" + _varint(stream) + b"\x12" + _varint(len(data))
+        head = [b"\x08", _varint(seq), b"\x10", _varint(time.time_ns()), b"\x22"]
+        prefix = b"".join([*head, _varint(len(output) + len(data)), output])
+        length = len(prefix) + len(data)
+        header = HEADER.pack(length, zlib.crc32(data, zlib.crc32(prefix)), seq)
+        self._write_whole([header + prefix, data], HEADER.size + length)
+        self.next_seq = seq + 1
+        self._account(HEADER.size + length, seq, len(data))
+        return seq
+
+    def _write_whole(self, parts: list[bytes], size: int) -> None:
+        """Append one record, or nothing: a short write (a disk that fills up) is cut off
+        again and raised as ENOSPC, so the journal only ever holds whole records."""
+        written = os.writev(self._fd, parts)
+        if written != size:
+            os.ftruncate(self._fd, self._segments[-1].size)
+            raise OSError(errno.ENOSPC, "the journal's disk is full")
+
+    def _account(self, size: int, seq: int, output_bytes: int) -> None:
         segment = self._segments[-1]
         segment.size += size
         segment.last_seq = seq
-        if event.HasField("output"):
-            segment.output_bytes += len(event.output.data)
+        segment.output_bytes += output_bytes
         self.total_bytes += size
         if segment.size >= self.segment_bytes:
             self._rotate()
@@ -170,10 +215,10 @@ class JournalWriter:
                 return
             self._segments.remove(victim)
             with contextlib.suppress(FileNotFoundError):
-                victim.path.unlink()
+                os.unlink(victim.path)
             self.total_bytes -= victim.size
             record = TRUNCATION.pack(victim.first_seq, victim.last_seq, victim.output_bytes)
-            with open(self.directory / TRUNCATIONS_FILE, "ab") as out:
+            with open(os.path.join(self._dir, TRUNCATIONS_FILE), "ab") as out:
                 out.write(record)
 
     def write_exit(self, event: pb.Event) -> int:
@@ -203,14 +248,15 @@ class JournalWriter:
 def read_exit_record(directory: Path) -> pb.Event | None:
     """The run's Exited event from the reserved exit record, or None if it has not ended."""
     try:
-        data = (directory / EXIT_FILE).read_bytes()
+        with open(os.path.join(directory, EXIT_FILE), "rb") as file:
+            data = file.read()
     except FileNotFoundError:
         return None
     parsed = _parse_record(data, 0)
     if parsed is None:
         return None
     _seq, payload, _end = parsed
-    event = pb.Event.FromString(payload)
+    event = parse_event(payload)
     return event if event.HasField("exited") else None
 
 
@@ -221,6 +267,7 @@ def write_lost_exit(directory: Path, seq: int, message: str) -> pb.Event:
     event.exited.reason = pb.EXIT_REASON_LOST
     event.exited.message = message
     record = encode_record(seq, event.SerializeToString())
+    directory.mkdir(parents=True, exist_ok=True)  # the keeper may have died before making it
     segments = list_segments(directory)
     target = segments[-1][1] if segments else directory / segment_name(seq)
     with contextlib.suppress(OSError), open(target, "ab") as out:
@@ -234,8 +281,12 @@ def write_lost_exit(directory: Path, seq: int, message: str) -> pb.Event:
     return event
 
 
-def _parse_record(data: bytes | memoryview, pos: int) -> tuple[int, bytes, int] | None:
-    """Parse one record at pos: (seq, payload, end) or None if it is not whole yet."""
+def _parse_record(
+    data: bytes | memoryview, pos: int, verify: bool = True
+) -> tuple[int, Payload, int] | None:
+    """Parse one record at pos: (seq, payload, end) or None if it is not whole yet (or,
+    with verify, fails its checksum). The payload is a slice of data (a view, not a copy,
+    when data is a memoryview)."""
     if len(data) - pos < HEADER.size:
         return None
     length, crc, seq = HEADER.unpack_from(data, pos)
@@ -245,10 +296,25 @@ def _parse_record(data: bytes | memoryview, pos: int) -> tuple[int, bytes, int] 
     end = start + length
     if length > MAX_RECORD_BYTES or end > len(data):
         return None
-    payload = bytes(data[start:end])
-    if zlib.crc32(payload) != crc:
+    payload = data[start:end]
+    if verify and zlib.crc32(payload) != crc:
         return None
     return seq, payload, end
+
+
+def parse_event(payload: Payload) -> pb.Event:
+    """The Event a record holds (protobuf parses views as well as bytes)."""
+    return pb.Event.FromString(payload)  # type: ignore[arg-type]
+
+
+def _record_size(header: bytes) -> int:
+    """The size of the record whose header this is (0 if it is not a plausible header)."""
+    if len(header) < HEADER.size:
+        return 0
+    length, crc, seq = HEADER.unpack_from(header)
+    if length > MAX_RECORD_BYTES or (length, crc, seq) == (0, 0, 0):
+        return 0
+    return HEADER.size + int(length)
 
 
 def read_truncations(directory: Path) -> list[tuple[int, int, int]]:
@@ -270,26 +336,38 @@ class JournalReader:
     """Follows one journal from a seq onwards. Not shared between tasks.
 
     ``read`` returns the whole records available now, as (seq, serialized Event) pairs,
-    up to about ``max_bytes``; an empty list means nothing new yet.
+    up to about ``max_bytes``; an empty list means nothing new yet. Payloads are views
+    into the bytes read (each read is a fresh object, so a view stays valid).
+
+    Reads start at a record boundary: a large record is read alone, exactly (its header
+    first), small ones many at a time; a record cut by the end of a read is read again
+    whole next time, so no bytes are copied into a buffer and out again.
     """
 
     READ_CHUNK = 1024 * 1024
 
     def __init__(self, directory: Path, after_seq: int) -> None:
         self.directory = directory
+        self._dir = os.fspath(directory)
         self.last_seq = after_seq
         self._file: int = -1
         self._segment_first = 0
-        self._buffer = bytearray()
         self._offset = 0
+        self._verify = True
 
     def close(self) -> None:
         if self._file >= 0:
             os.close(self._file)
             self._file = -1
 
-    def read(self, max_bytes: int) -> list[tuple[int, bytes]]:
-        out: list[tuple[int, bytes]] = []
+    def read(self, max_bytes: int, verify: bool = True) -> list[tuple[int, Payload]]:
+        """See the class. ``verify=False`` skips the checksums: for a journal that a live
+        keeper is writing, or wrote and finished, in this boot. Its records are whole once
+        their length is in the file (one write each, read through the page cache), so a
+        checksum cannot fail; it guards against what a crash leaves (a record torn by a
+        keeper that died, then the lost-exit record appended after it; a power loss)."""
+        self._verify = verify
+        out: list[tuple[int, Payload]] = []
         budget = max_bytes
         while budget > 0:
             if self._file < 0 and not self._open_next(out):
@@ -302,45 +380,37 @@ class JournalReader:
                 break  # at the end of what has been written so far
         return out
 
-    def _read_current(self, budget: int) -> tuple[list[tuple[int, bytes]], bool]:
-        """Records newer than last_seq from the next chunk, and whether any bytes were read."""
-        size = min(max(MIN_READ_BYTES, budget), 16 * self.READ_CHUNK)
-        chunk = os.pread(self._file, size, self._offset)
-        if chunk:
-            self._buffer += chunk
-            self._offset += len(chunk)
-        return self._parse_buffer(), bool(chunk)
-
-    def _drain(self) -> list[tuple[int, bytes]]:
-        records: list[tuple[int, bytes]] = []
-        while chunk := os.pread(self._file, 16 * self.READ_CHUNK, self._offset):
-            self._buffer += chunk
-            self._offset += len(chunk)
-            records.extend(self._parse_buffer())
-        return records
-
-    def _parse_buffer(self) -> list[tuple[int, bytes]]:
-        records: list[tuple[int, bytes]] = []
+    def _read_current(self, budget: int) -> tuple[list[tuple[int, Payload]], bool]:
+        """Records newer than last_seq at the read offset, and whether the offset moved."""
+        size = _record_size(os.pread(self._file, HEADER.size, self._offset))
+        if size < MIN_READ_BYTES:
+            size = max(MIN_READ_BYTES, min(budget, SMALL_READ_BYTES))
+        chunk = memoryview(os.pread(self._file, size, self._offset))
+        records: list[tuple[int, Payload]] = []
         pos = 0
-        view = memoryview(self._buffer)
-        try:
-            while True:
-                parsed = _parse_record(view, pos)
-                if parsed is None:
-                    break
-                seq, payload, pos = parsed
-                if seq > self.last_seq:
-                    records.append((seq, payload))
-                    self.last_seq = seq
-        finally:
-            view.release()
-        del self._buffer[:pos]
-        return records
+        while (parsed := _parse_record(chunk, pos, self._verify)) is not None:
+            seq, payload, pos = parsed
+            if seq > self.last_seq:
+                records.append((seq, payload))
+                self.last_seq = seq
+        self._offset += pos
+        return records, pos > 0
 
-    def _open_next(self, out: list[tuple[int, bytes]]) -> bool:
-        segments = list_segments(self.directory)
+    def _drain(self) -> list[tuple[int, Payload]]:
+        records: list[tuple[int, Payload]] = []
+        while True:
+            got, progressed = self._read_current(16 * self.READ_CHUNK)
+            records.extend(got)
+            if not progressed:
+                return records
+
+    def _open_next(self, out: list[tuple[int, Payload]]) -> bool:
         wanted = self.last_seq + 1
-        chosen = None
+        # A segment is named by its first seq: the one named so is the place to start.
+        if self._open(wanted, os.path.join(self._dir, segment_name(wanted))):
+            return True
+        segments = _segments(self._dir)
+        chosen: tuple[int, str] | None = None
         for first, path in segments:
             if first <= wanted or (chosen is None and first > wanted):
                 chosen = (first, path)
@@ -353,13 +423,12 @@ class JournalReader:
             self._emit_gap(out, wanted, first - 1)
         return self._open(first, path)
 
-    def _open(self, first: int, path: Path) -> bool:
+    def _open(self, first: int, path: Path | str) -> bool:
         try:
             self._file = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return False
         self._segment_first = first
-        self._buffer.clear()
         self._offset = self._skip_to_cursor() if first <= self.last_seq else 0
         return True
 
@@ -376,9 +445,9 @@ class JournalReader:
                 return offset
             offset += HEADER.size + length
 
-    def _advance_if_final(self, out: list[tuple[int, bytes]]) -> bool:
+    def _advance_if_final(self, out: list[tuple[int, Payload]]) -> bool:
         """At the end of the current segment: move to its successor if one exists."""
-        successors = [s for s in list_segments(self.directory) if s[0] > self._segment_first]
+        successors = self._successors()
         if not successors:
             return False
         out.extend(self._drain())
@@ -388,7 +457,22 @@ class JournalReader:
             self._emit_gap(out, self.last_seq + 1, first - 1)
         return self._open(first, path)
 
-    def _emit_gap(self, out: list[tuple[int, bytes]], first: int, last: int) -> None:
+    def _successors(self) -> list[tuple[int, str]]:
+        """Segments after the current one. Looked up by name when nothing was dropped (the
+        next segment starts right after the current one's last record): tailing a journal
+        checks this at every pause, and listing a directory of many segments costs more."""
+        path = os.path.join(self._dir, segment_name(self.last_seq + 1))
+        if os.path.exists(path):
+            return [(self.last_seq + 1, path)]
+        if not self._dropped() and os.fstat(self._file).st_nlink:
+            return []  # no gap can hide a later segment: this one is still being written
+        return [s for s in _segments(self._dir) if s[0] > self._segment_first]
+
+    def _dropped(self) -> bool:
+        """Whether segments were dropped from the middle (then they are not contiguous)."""
+        return os.path.exists(os.path.join(self._dir, TRUNCATIONS_FILE))
+
+    def _emit_gap(self, out: list[tuple[int, Payload]], first: int, last: int) -> None:
         event = pb.Event(seq=last, time_unix_ns=time.time_ns())
         event.truncated.first_seq = first
         event.truncated.last_seq = last

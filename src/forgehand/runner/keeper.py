@@ -71,6 +71,8 @@ DRAIN_SECONDS = 2.0
 IDLE_EXIT_SECONDS = 60.0
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NAME = 15
+KEEPER_COMM = "forgehand-keep"  # at most 15 bytes
 F_SETPIPE_SZ = 1031
 RESET_SIGNALS = (signal.SIGPIPE, signal.SIGINT, signal.SIGCHLD, signal.SIGTERM, signal.SIGQUIT)
 
@@ -169,6 +171,10 @@ class Keeper:
         self.dirty: set[str] = set()
         self.ended: set[str] = set()
         self.idle_since = time.monotonic()
+        self._may_reap = True  # whether a child may have ended since the last wait4
+        # Children that are not runs (the daemon, in --supervise mode): pid → on_exit(status).
+        self.children: dict[int, Callable[[int], None]] = {}
+        self.stopping = False  # set to leave serve_forever at the next turn
         self._wake_r, self._wake_w = socket.socketpair()
         for sock in (self._wake_r, self._wake_w):
             sock.setblocking(False)
@@ -189,14 +195,17 @@ class Keeper:
         while not self._should_exit():
             for key, mask in self.selector.select(self._next_timeout()):
                 key.data(key.fd, mask)
-            self._reap()
+            if self._may_reap:
+                self._reap()
             self._enforce_deadlines()
             self._finish_drained()
             self._announce_due()
             self._flush_notifications()
 
     def _should_exit(self) -> bool:
-        if self.conns or self.runs:
+        if self.stopping:
+            return True
+        if self.conns or self.runs or self.children:
             self.idle_since = time.monotonic()
             return False
         return time.monotonic() - self.idle_since > IDLE_EXIT_SECONDS
@@ -214,6 +223,7 @@ class Keeper:
         return max(0.0, min(deadlines) - now)
 
     def _on_signal(self, _fd: int, _mask: int) -> None:
+        self._may_reap = True  # SIGCHLD (or another signal: a spare wait4 is harmless)
         with contextlib.suppress(BlockingIOError):
             while self._wake_r.recv(4096):
                 pass
@@ -335,6 +345,7 @@ class Keeper:
     def _start(self, waiter: Waiter, payload: bytes) -> None:
         request = pb.StartRequest.FromString(payload)
         run_dir = self.state_dir / "runs" / request.run_id
+        _make_run_dir(run_dir, payload)
         limit = request.limits.journal_max_bytes or self.settings.journal_max_bytes
         journal = JournalWriter(run_dir / "journal", min(limit, self.settings.journal_max_bytes))
         run = Run(request.run_id, request, journal, time.monotonic())
@@ -439,14 +450,15 @@ class Keeper:
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_BYTES)
         step_run = run.request.HasField("step")
+        in_r = -1
         if run.request.stdin == pb.STDIN_MODE_PIPE or step_run:
             in_r, run.stdin_fd = os.pipe()
             os.set_blocking(run.stdin_fd, False)
-        else:
-            in_r = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         ev_r, ev_w = os.pipe() if step_run else (-1, -1)
         actions = [
-            (os.POSIX_SPAWN_DUP2, in_r, 0),
+            (os.POSIX_SPAWN_DUP2, in_r, 0)
+            if in_r >= 0
+            else (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),  # opened by the child
             (os.POSIX_SPAWN_DUP2, out_w, 1),
             (os.POSIX_SPAWN_DUP2, err_w, 2),
         ]
@@ -530,8 +542,11 @@ class Keeper:
     # -- journal --------------------------------------------------------------------------
 
     def _append(self, run: Run, event: pb.Event, announce: bool = True) -> None:
+        self._write(run, lambda: run.journal.append(event), announce)
+
+    def _write(self, run: Run, append: Callable[[], int], announce: bool = True) -> None:
         try:
-            run.journal.append(event)
+            append()
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -564,10 +579,8 @@ class Keeper:
             self._request_kill(run, pb.EXIT_REASON_LIMIT, f"output exceeded {limit} bytes")
         run.output_bytes += len(data)
         if data:
-            event = pb.Event()
-            event.output.stream = run.outputs[fd]  # type: ignore[assignment]
-            event.output.data = data
-            self._append(run, event)
+            stream = run.outputs[fd]
+            self._write(run, lambda: run.journal.append_output(stream, data))
 
     def _record_step_events(self, run: Run, data: bytes) -> None:
         run.step_buffer += data
@@ -579,6 +592,7 @@ class Keeper:
                 self._append(run, event)
 
     def _close_output(self, run: Run, fd: int) -> None:
+        self._may_reap = True  # output ends when the process does: reap it now, if it is
         self.selector.unregister(fd)
         os.close(fd)
         del run.outputs[fd]
@@ -665,6 +679,7 @@ class Keeper:
                 _signal_group(run, signal.SIGKILL)
 
     def _reap(self) -> None:
+        self._may_reap = False
         while True:
             try:
                 pid, status, rusage = os.wait4(-1, os.WNOHANG)
@@ -680,6 +695,8 @@ class Keeper:
                     os.killpg(pid, signal.SIGKILL)
                 run.drain_until = time.monotonic() + DRAIN_SECONDS
                 self._fail_stdin(run, "the run has ended")
+            elif pid in self.children:
+                self.children.pop(pid)(status)
 
     def _finish_drained(self) -> None:
         now = time.monotonic()
@@ -734,6 +751,22 @@ class Keeper:
         self._flush_notifications()
         run.journal.close()  # fsyncs, after the daemon has been told
         del self.runs[run.run_id]
+
+
+def _make_run_dir(run_dir: Path, request: bytes) -> None:
+    """A fresh directory for a run, holding its request (``request.pb``, written before the
+    run is spawned, so a daemon that dies meanwhile finds the run on its restart). A
+    leftover of a run closed while no daemon was up goes first."""
+    if os.path.lexists(run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)
+    os.mkdir(run_dir, 0o700)
+    tmp = os.path.join(run_dir, "request.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, request)
+    finally:
+        os.close(fd)
+    os.rename(tmp, os.path.join(run_dir, "request.pb"))
 
 
 def _step_event(line: bytes) -> pb.Event | None:
@@ -813,24 +846,38 @@ def stop_keeper(state_dir: Path) -> bool:
     return bool(pid)
 
 
-def main() -> None:
-    """Entry point: ``python -m forgehand.runner.keeper SETTINGS_JSON``.
+def serve(settings: KeeperSettings, ready_fd: int) -> None:
+    """Be the keeper of ``settings.state_dir`` in this (detached) process.
 
-    The keeper detaches (forks; the first process exits at once, so the daemon reaps it and
-    the keeper belongs to no daemon), binds its socket, then writes ``ready`` and closes
-    stdout. It holds an exclusive lock on ``keeper.lock`` for its whole life.
+    Locks the state dir, binds the socket, writes ``ready`` to ``ready_fd`` and closes it,
+    then serves until idle. If another keeper holds the lock it writes ``busy`` instead and
+    returns. Both ways in — ``main`` below, and the daemon's fork before its heavy imports
+    (``keeper_client.fork_keeper``) — end here (``forgehand.runner.supervisor`` is a third).
     """
-    settings = KeeperSettings(**json.loads(sys.argv[1]))
-    if os.fork():
-        os._exit(0)
     tune_malloc()
+    _set_comm(KEEPER_COMM)
+    listener = listen(settings)
+    if listener is None:
+        os.write(ready_fd, b"busy\n")
+        os.close(ready_fd)
+        return
+    keeper = Keeper(settings, listener)
+    keeper.install_signals()
+    os.write(ready_fd, b"ready\n")
+    os.close(ready_fd)
+    keeper.serve_forever()
+
+
+def listen(settings: KeeperSettings) -> socket.socket | None:
+    """Lock the state dir (for this process's whole life), bind and listen on the keeper's
+    socket and become the child subreaper; None if another keeper holds the lock."""
     state_dir = Path(settings.state_dir)
     lock = os.open(state_dir / "keeper.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        sys.stdout.write("busy\n")
-        return
+        os.close(lock)
+        return None
     path = keeper_socket(state_dir)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -842,12 +889,28 @@ def main() -> None:
         os.umask(old)
     listener.listen(16)
     _set_subreaper()
-    keeper = Keeper(settings, listener)
-    keeper.install_signals()
-    sys.stdout.write("ready\n")
-    sys.stdout.flush()
-    os.close(1)
-    keeper.serve_forever()
+    return listener
+
+
+def _set_comm(name: str) -> None:
+    """Name the process (``/proc/<pid>/comm``): a keeper forked from the daemon shares its
+    cmdline, and the host tells them apart by this name."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+
+
+def main() -> None:
+    """Entry point: ``python -m forgehand.runner.keeper SETTINGS_JSON``.
+
+    The keeper detaches (forks; the first process exits at once, so the daemon reaps it and
+    the keeper belongs to no daemon), then ``serve``s, reporting on stdout. It holds an
+    exclusive lock on ``keeper.lock`` for its whole life.
+    """
+    settings = KeeperSettings(**json.loads(sys.argv[1]))
+    if os.fork():
+        os._exit(0)
+    serve(settings, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

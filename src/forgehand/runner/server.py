@@ -29,11 +29,14 @@ from forgehand.runner.auth import TokenInterceptor, server_credentials
 from forgehand.runner.config import RunnerConfig
 from forgehand.runner.core import AttachBatch, RunnerCore
 from forgehand.runner.files import FileService
+from forgehand.runner.journal import Payload
 
 log = logging.getLogger(__name__)
 
 SERVICE = "forgehand.runner.v1.Runner"
 GRACE_SECONDS = 5.0
+INTERNAL_MESSAGE = "internal runner error; see its log"
+SESSION_QUEUE = 16  # responses a session buffers before its attaches wait for the client
 T = TypeVar("T")
 
 
@@ -46,14 +49,36 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def encode_attach(batch: AttachBatch) -> bytes:
-    """The wire bytes of an AttachResponse holding the batch."""
-    parts = [b"\x0a" + _varint(len(event)) + event for event in batch.events]
+def _attach_parts(batch: AttachBatch) -> list[Payload]:
+    parts: list[Payload] = []
+    for event in batch.events:
+        parts += (b"\x0a" + _varint(len(event)), event)
     if batch.handback:
         parts.append(b"\x10\x01")
     if batch.ended:
         parts.append(b"\x18\x01")
-    return b"".join(parts)
+    return parts
+
+
+def encode_attach(batch: AttachBatch) -> bytes:
+    """The wire bytes of an AttachResponse holding the batch."""
+    return b"".join(_attach_parts(batch))
+
+
+def encode_session(tag: int, batch: AttachBatch) -> bytes:
+    """The wire bytes of a SessionResponse carrying the batch (done with the final one)."""
+    parts = _attach_parts(batch)
+    size = sum(len(part) for part in parts)
+    done = b"\x18\x01" if batch.final else b""
+    return b"".join([b"\x08", _varint(tag), b"\x12", _varint(size), *parts, done])
+
+
+def encode_session_error(tag: int, error: errors.RunnerError) -> bytes:
+    """The wire bytes of the SessionResponse that ends the attach under tag with an error."""
+    code: int = error.code.value[0]
+    message = str(error).encode()
+    head = [b"\x08", _varint(tag), b"\x18\x01\x20", _varint(code), b"\x2a"]
+    return b"".join([*head, _varint(len(message)), message])
 
 
 async def _abort(
@@ -63,7 +88,7 @@ async def _abort(
     if isinstance(exc, errors.RunnerError):
         await context.abort(exc.code, str(exc))
     log.error("internal error in %s", method, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, "internal runner error; see its log")
+    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
     raise AssertionError("unreachable")  # abort raises
 
 
@@ -102,6 +127,72 @@ def _stream_errors(
     return wrapper
 
 
+class _Session:
+    """One Session call: the attaches it opened, each a task, and their responses queued for
+    the call in the order they were produced."""
+
+    def __init__(self, core: RunnerCore) -> None:
+        self.core = core
+        self._out: asyncio.Queue[bytes | Exception | None] = asyncio.Queue(SESSION_QUEUE)
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+
+    async def responses(self, requests: AsyncIterator[pb.SessionRequest]) -> AsyncIterator[bytes]:
+        reader = asyncio.create_task(self._read(requests))
+        try:
+            while (item := await self._out.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            tasks = [reader, *self._tasks.values()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _read(self, requests: AsyncIterator[pb.SessionRequest]) -> None:
+        try:
+            async for request in requests:
+                self._on_request(request)
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            await self._out.put(None)
+        except Exception as exc:  # a malformed request ends the session with its status
+            await self._out.put(exc)
+
+    def _on_request(self, request: pb.SessionRequest) -> None:
+        if request.cancel:
+            task = self._tasks.get(request.tag)
+            if task is not None:
+                task.cancel()
+            return
+        if not request.HasField("attach"):
+            raise errors.InvalidArgument("a SessionRequest opens an attach or cancels one")
+        if request.tag in self._tasks:
+            raise errors.InvalidArgument(f"session tag {request.tag} is in use: choose another")
+        self._tasks[request.tag] = asyncio.create_task(self._attach(request.tag, request.attach))
+
+    async def _attach(self, tag: int, request: pb.AttachRequest) -> None:
+        try:
+            if request.HasField("start"):
+                await self.core.start_for_attach(request)
+            batches = self.core.attach(
+                request.run_id, request.after_seq, request.wait_seconds, request.max_batch_bytes
+            )
+            final = AttachBatch([])
+            async with contextlib.aclosing(batches):  # closed at once when cancelled
+                async for batch in batches:
+                    final = batch
+                    await self._out.put(encode_session(tag, batch))
+            if not final.final:
+                await self._out.put(encode_session(tag, AttachBatch([], final=True)))
+        except errors.RunnerError as exc:
+            await self._out.put(encode_session_error(tag, exc))
+        except Exception as exc:
+            log.error("internal error in Session", exc_info=exc)
+            await self._out.put(encode_session_error(tag, errors.Internal(INTERNAL_MESSAGE)))
+        finally:
+            self._tasks.pop(tag, None)
+
+
 class RunnerServicer:
     """Implements forgehand.runner.v1.Runner over a RunnerCore."""
 
@@ -127,6 +218,13 @@ class RunnerServicer:
         )
         async for batch in batches:
             yield encode_attach(batch)
+
+    @_stream_errors
+    async def Session(
+        self, requests: AsyncIterator[pb.SessionRequest], _ctx: Any
+    ) -> AsyncIterator[bytes]:
+        async for response in _Session(self.core).responses(requests):
+            yield response
 
     @_status_errors
     async def WriteStdin(self, request: pb.WriteStdinRequest, _ctx: Any) -> Any:
@@ -222,6 +320,20 @@ def _server_stream(
     )
 
 
+def _bidi_stream(method: Any, message_type: Any, limit: int) -> grpc.RpcMethodHandler[Any, Any]:
+    async def handler(
+        raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        async def decoded() -> AsyncIterator[Any]:
+            async for raw in raws:
+                yield _decode(message_type, raw, limit)
+
+        async for item in method(decoded(), context):
+            yield item
+
+    return grpc.stream_stream_rpc_method_handler(handler, None, lambda b: b)
+
+
 def _client_stream(method: Any, message_type: Any, limit: int) -> grpc.RpcMethodHandler[Any, Any]:
     async def handler(
         raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
@@ -248,6 +360,7 @@ def _handlers(servicer: RunnerServicer, limit: int) -> grpc.GenericRpcHandler[An
             "Capabilities": _unary(s.Capabilities, pb.CapabilitiesRequest, n),
             "Start": _unary(s.Start, pb.StartRequest, n),
             "Attach": _server_stream(s.Attach, pb.AttachRequest, n, raw_out=True),
+            "Session": _bidi_stream(s.Session, pb.SessionRequest, n),
             "WriteStdin": _unary(s.WriteStdin, pb.WriteStdinRequest, n),
             "ResizePty": _unary(s.ResizePty, pb.ResizePtyRequest, n),
             "Cancel": _unary(s.Cancel, pb.CancelRequest, n),

@@ -390,13 +390,16 @@ class BwrapSandbox:
         await run_host(["mount", "-t", "tmpfs", "-o", f"{options},nosuid,nodev", "tmpfs", host])
         self._work_mounted = True
 
-    async def spawn(self, command: Sequence[str], **kwargs: Any) -> asyncio.subprocess.Process:
-        """Start ``command`` in the sandbox; ``kwargs`` go to ``create_subprocess_exec``."""
+    async def spawn(
+        self, command: Sequence[str], *, pass_fds: Sequence[int] = (), **kwargs: Any
+    ) -> asyncio.subprocess.Process:
+        """Start ``command`` in the sandbox; ``pass_fds`` stay open in it under the same
+        numbers, other ``kwargs`` go to ``create_subprocess_exec``."""
         self._require(SandboxState.READY, "spawn")
         argv, files = await asyncio.to_thread(self._launch_plan, command)
         try:
             process = await asyncio.create_subprocess_exec(
-                *argv, pass_fds=tuple(files.fds.values()), env={}, **kwargs
+                *argv, pass_fds=(*files.fds.values(), *pass_fds), env={}, **kwargs
             )
         finally:
             files.close()

@@ -13,6 +13,11 @@ Layout inside the sandbox (host side under ``<state_dir>/<sandbox-id>/``)::
     /run/forgehand/egress-decisions.jsonl ← host egress/decisions.jsonl, read-only
     <venv> and <forgehand source>          read-only at the host's paths, with /usr
 
+The runner is started with ``serve --supervise``: bwrap's command becomes the keeper (which
+owns the runs) and forks the daemon, and restarts it if it crashes, so a daemon killed
+inside the sandbox takes neither the sandbox nor its runs along; attached clients
+reconnect and resume (``forgehand.runner.supervisor``).
+
 With ``network: proxy`` a host-side ``EgressProxy`` serves the sandbox, and the runner's
 first run is the forwarder on 127.0.0.1:3128; runs made with ``sandbox.run_spec`` get the
 proxy variables (see ``forgehand.sandbox.runs``). ``limits.wall_time_seconds`` bounds
@@ -26,6 +31,7 @@ the registry (``forgehand.sandbox.registry``) and removed by ``reap``.
 from __future__ import annotations
 
 import asyncio
+import compileall
 import contextlib
 import os
 import shutil
@@ -44,8 +50,9 @@ from pydantic import BaseModel, ConfigDict, Field
 import forgehand
 from forgehand.runner import errors as runner_errors
 from forgehand.runner.client import RunnerClient
+from forgehand.runner.keeper import KEEPER_COMM
 from forgehand.runner.model import Exited, Output, RunResult, RunSpec
-from forgehand.sandbox import cgroups, seccomp
+from forgehand.sandbox import cgroups, rootfs, seccomp
 from forgehand.sandbox.backend import Achieved, Availability, SandboxRecord, register_backend
 from forgehand.sandbox.bwrap import (
     EGRESS_SOCKET,
@@ -55,7 +62,6 @@ from forgehand.sandbox.bwrap import (
     find_bwrap,
     run_host,
 )
-from forgehand.sandbox.egress.config import AllowRule, EgressConfig
 from forgehand.sandbox.egress.proxy import EgressProxy
 from forgehand.sandbox.egress.resolver import Resolver
 from forgehand.sandbox.errors import (
@@ -93,6 +99,10 @@ FORWARDER_RUN_ID = "forgehand-egress-forwarder"
 LOG_TAIL_BYTES = 2000
 SOCK_DIR_BYTES = 64 << 10
 DAEMON_OOM_SCORE_ADJ = -999
+# -I: no PYTHON* variables, user site or work dir on sys.path (a repository checked out
+# there must not shadow the runner's modules); -B: the root is read-only, so never try to
+# write bytecode (the venv's and the source tree's caches are read instead).
+RUNNER_PYTHON_FLAGS = ("-I", "-B")
 
 
 def _venv() -> Path:
@@ -125,6 +135,9 @@ class BwrapBackendConfig(BaseModel):
     (about 70 MiB), and the spec's limit is meant for the work."""
     runner_pids: int = Field(default=32, ge=0)
     """Added to the spec's pids limit for the runner's processes and threads."""
+    runner_max_restarts: int = Field(default=5, ge=0)
+    """How often within a minute a crashed runner daemon is restarted; at the next crash
+    the sandbox gives up and ends (``forgehand.runner.supervisor``)."""
     wall_time_grace_seconds: float = Field(default=2.0, ge=0)
     """Runs time out at the wall time; the watchdog kills everything this much later."""
     egress_ports: tuple[int, ...] = (80, 443)
@@ -184,6 +197,8 @@ class BwrapRunnerSandbox:
         self._sock_mounted = False
         self._deadline = 0.0
         self._watchdog: asyncio.Task[None] | None = None
+        self._ready_fd = -1
+        self._daemon_cmdline = b""
 
     # -- the Sandbox Protocol ----------------------------------------------------------
 
@@ -306,22 +321,10 @@ class BwrapRunnerSandbox:
         self._sock_mounted = True
 
     async def _start_proxy(self, network: ProxyNetwork) -> None:
-        egress = self._dir / "egress"
-        await asyncio.to_thread(egress.mkdir, 0o711)
-        ports = self.config.egress_ports
-        self._proxy = EgressProxy(
-            EgressConfig(
-                socket_path=egress / "egress.sock",
-                decision_log_path=egress / "decisions.jsonl",
-                allow=tuple(AllowRule(host=h, ports=ports) for h in network.allow_hosts),
-                trusted_networks=self.config.trusted_networks,
-                allow_loopback_for_tests=self.config.allow_loopback_for_tests,
-            ),
-            resolver=self._resolver,
-        )
-        await self._proxy.start()
         me = Identity()
-        await asyncio.to_thread(os.chown, self._proxy.socket_path, me.host_uid, me.host_gid)
+        self._proxy = await rootfs.start_egress(
+            self._dir, network, self.config, self._resolver, owner=(me.host_uid, me.host_gid)
+        )
 
     async def _start_box(self) -> None:
         spec = self.spec
@@ -363,28 +366,45 @@ class BwrapRunnerSandbox:
     async def _spawn_runner(self) -> None:
         assert self._box is not None
         log = await asyncio.to_thread(_open_log, self._dir / "runner.log")
+        ready_read, ready_write = os.pipe()
+        argv = self._runner_argv(ready_write)
+        self._daemon_cmdline = b"".join(arg.encode() + b"\0" for arg in argv)
         try:
             self._runner = await self._box.spawn(
-                self._runner_argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log
+                argv,
+                pass_fds=(ready_write,),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
             )
+        except BaseException:
+            os.close(ready_read)
+            raise
         finally:
             os.close(log)
+            os.close(ready_write)
+        self._ready_fd = ready_read
 
-    def _runner_argv(self) -> list[str]:
+    def _runner_argv(self, ready_fd: int) -> list[str]:
         journal = max(256 << 10, min(64 << 20, self.spec.limits.output_bytes + (1 << 20)))
         return [
             str(self.config.python),
+            *RUNNER_PYTHON_FLAGS,
             *("-m", "forgehand.runner.cli", "serve", "--socket", RUNNER_SOCKET),
             *("--state-dir", RUNNER_STATE, "--root", str(self.spec.work_dir.sandbox_path)),
             *("--memory-events", MEMORY_EVENTS, "--journal-max-bytes", str(journal)),
+            *("--supervise", "--max-restarts", str(self.config.runner_max_restarts)),
+            *("--ready-fd", str(ready_fd)),
         ]
 
     async def _wait_ready(self) -> None:
+        """Wait for the daemon's line on its ready pipe (no polling), then ask it."""
         deadline = _now() + self.config.ready_timeout_seconds
-        socket = self._dir / "sock" / "runner.sock"
-        while not await asyncio.to_thread(socket.exists):
+        fd, self._ready_fd = self._ready_fd, -1
+        line = await self._read_ready_line(fd, deadline)
+        if line.strip() != b"ready":
             await self._check_runner_alive(deadline)
-            await asyncio.sleep(0.002)
+            raise await self._launch_error("the runner closed its ready pipe without serving")
         try:
             async with asyncio.timeout(max(0.001, deadline - _now())):
                 await self._client.capabilities()
@@ -393,15 +413,43 @@ class BwrapRunnerSandbox:
                 f"the runner did not answer ({exc or 'timeout'})"
             ) from exc
 
+    async def _read_ready_line(self, fd: int, deadline: float) -> bytes:
+        """The ready pipe's first line; b"" if the runner exits first. The outer bwrap
+        process ends with the daemon, and it (like bwrap's init) holds the pipe open, so
+        its exit is the other way to know."""
+        assert self._runner is not None
+        reader = asyncio.StreamReader()
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+        )
+        line_task = asyncio.ensure_future(reader.readline())
+        exit_task = asyncio.ensure_future(self._runner.wait())
+        try:
+            done, _ = await asyncio.wait(
+                (line_task, exit_task),
+                timeout=max(0.001, deadline - _now()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            return line_task.result() if line_task in done else b""
+        finally:
+            for task in (line_task, exit_task):
+                task.cancel()
+            await asyncio.gather(line_task, exit_task, return_exceptions=True)
+            transport.close()
+
     def _protect_daemon(self) -> None:
-        """Make the OOM killer pick the work, not the runner daemon (its keeper, already
-        started, and so every run keep the default score)."""
+        """Make the OOM killer pick the work, not the runner daemon (its keeper, and so
+        every run, keep the default score; a daemon the keeper restarts does too)."""
         assert self._box is not None
         assert self._box.cgroup is not None
         for pid in self._box.cgroup.pids():
             with contextlib.suppress(OSError):
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                if b"forgehand.runner.cli" in argv and b"serve" in argv:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                # The keeper (bwrap's command, --supervise) forked the daemon: the two
+                # share the cmdline, not the name.
+                if cmdline == self._daemon_cmdline and comm != KEEPER_COMM:
                     Path(f"/proc/{pid}/oom_score_adj").write_text(str(DAEMON_OOM_SCORE_ADJ))
 
     async def _check_runner_alive(self, deadline: float) -> None:
@@ -480,6 +528,9 @@ class BwrapRunnerSandbox:
             self._stop_proxy,
             self._remove_work_dir,
         ]
+        if self._ready_fd >= 0:
+            os.close(self._ready_fd)
+            self._ready_fd = -1
         failures: list[BaseException] = []
         for step in steps:
             try:
@@ -534,6 +585,7 @@ class BwrapBackend:
         self.config = config or BwrapBackendConfig()
         self.resolver = resolver
         self.registry = Registry(self.config.state_dir)
+        self._bytecode_fresh = False
 
     def availability(self) -> Availability:
         try:
@@ -560,6 +612,9 @@ class BwrapBackend:
 
     async def launch(self, spec: SandboxSpec) -> BwrapRunnerSandbox:
         """A started sandbox the caller must ``destroy()`` (prefer ``create``)."""
+        if not self._bytecode_fresh:
+            self._bytecode_fresh = True
+            await asyncio.to_thread(refresh_bytecode, self.config.package_root)
         sandbox = BwrapRunnerSandbox(spec, self.config, resolver=self.resolver)
         await sandbox.start()
         return sandbox
@@ -571,6 +626,17 @@ class BwrapBackend:
         return await reap_leftovers(
             self.registry, NAME, lambda entry: asyncio.to_thread(_reap_entry, self.registry, entry)
         )
+
+
+def refresh_bytecode(package_root: Path) -> None:
+    """Bring the package's bytecode caches up to date, once per backend.
+
+    The sandbox's root is read-only, so a runner whose ``.pyc`` is missing or older than
+    its source recompiles that module at every start (tens of ms for the large ones).
+    Where the tree is not writable, or the host asked for no bytecode, nothing happens.
+    """
+    if not sys.dont_write_bytecode:
+        compileall.compile_dir(str(package_root / "forgehand"), quiet=2)
 
 
 def _reap_entry(registry: Registry, entry: Entry) -> None:

@@ -37,6 +37,7 @@ from forgehand.runner.client import ExecConnector, RunnerClient
 from forgehand.runner.model import Exited, ExitReason, Output, RunSpec
 from forgehand.sandbox import bwrap, subreaper
 from forgehand.sandbox.egress import AllowRule, EgressConfig, EgressProxy, Resolver
+from forgehand.sandbox.egress.config import operator_trusted_networks
 from forgehand.sandbox.errors import (
     BackendUnavailable,
     SandboxError,
@@ -106,10 +107,13 @@ def runner_argv(*arguments: str) -> list[str]:
 def serve_argv(
     spec: SandboxSpec, memory_events: str = "", socket: PurePosixPath = RUNNER_SOCKET
 ) -> list[str]:
-    """The sandbox's long-lived process: ``forgehand-runner serve`` on the work dir."""
+    """The sandbox's long-lived process: ``forgehand-runner serve --supervise`` on the work
+    dir. As the container's init it is the keeper, which reaps orphans, and it restarts
+    a daemon that crashes, so the sandbox and its runs outlive it."""
     journal = max(256 << 10, min(64 << 20, spec.limits.output_bytes + (1 << 20)))
     argv = runner_argv("serve", "--socket", str(socket), "--state-dir", str(RUNNER_STATE))
     argv += ["--root", str(spec.work_dir.sandbox_path), "--journal-max-bytes", str(journal)]
+    argv += ["--supervise"]
     return argv + (["--memory-events", memory_events] if memory_events else [])
 
 
@@ -336,23 +340,27 @@ async def start_egress(
     network: ProxyNetwork,
     config: EgressSettings,
     resolver: Resolver | None = None,
+    owner: tuple[int, int] = (SANDBOX_UID, SANDBOX_GID),
 ) -> EgressProxy:
-    """A host-side allowlisting proxy for one sandbox, on a socket the sandbox user may use.
-    Its decision log is ``egress/decisions.jsonl``, mounted read-only at ``runs.EGRESS_LOG``."""
+    """A host-side allowlisting proxy for one sandbox, on a socket ``owner`` (the sandbox
+    user's host uid and gid) may use. Its decision log is ``egress/decisions.jsonl``,
+    mounted read-only at ``runs.EGRESS_LOG``. The trusted networks are the backend's and
+    the operator's (``FORGEHAND_TRUSTED_NETWORKS``)."""
     egress = directory / "egress"
     await blocking(egress.mkdir, 0o711)
-    proxy = EgressProxy(
-        EgressConfig(
+    try:
+        settings = EgressConfig(
             socket_path=egress / "egress.sock",
             decision_log_path=egress / "decisions.jsonl",
             allow=tuple(AllowRule(host=h, ports=config.egress_ports) for h in network.allow_hosts),
-            trusted_networks=config.trusted_networks,
+            trusted_networks=(*config.trusted_networks, *operator_trusted_networks()),
             allow_loopback_for_tests=config.allow_loopback_for_tests,
-        ),
-        resolver=resolver,
-    )
+        )
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise SandboxLaunchError(f"the egress proxy's settings are invalid: {exc}") from None
+    proxy = EgressProxy(settings, resolver=resolver)
     await proxy.start()
-    await blocking(os.chown, proxy.socket_path, SANDBOX_UID, SANDBOX_GID)
+    await blocking(os.chown, proxy.socket_path, *owner)
     return proxy
 
 

@@ -5,7 +5,9 @@
 - Idempotent calls (start — idempotent by run id —, status, list, cancel, capabilities,
   file reads and stats) are retried the same way; writes to stdin and files are not,
   since repeating them could repeat their effect.
-- ``run`` = start + attach + collect.
+- ``run`` = start + attach + collect, in one call: ``collect`` follows the run on the
+  channel's long-lived Session stream when the runner offers it (a message on an open
+  stream costs far less than a new gRPC call), starting it there if asked to.
 
 Lifecycle: ``async with RunnerClient(transport) as client`` (or ``await client.close()``).
 """
@@ -31,7 +33,7 @@ from forgehand.runner.client.connectors import (
     UnixConnector,
 )
 from forgehand.runner.client.grpc_transport import GrpcTransport
-from forgehand.runner.client.transport import RunnerTransport
+from forgehand.runner.client.transport import RunnerTransport, closing_stream
 from forgehand.runner.model import (
     Event,
     Exited,
@@ -136,7 +138,9 @@ class RunnerClient:
             )
         await self.transport.reconnect()
         self.reconnects += 1
-        await asyncio.sleep(self.retry.delay(attempt))
+        delay = self.retry.delay(attempt)
+        if delay > 0:  # the first retry goes at once
+            await asyncio.sleep(delay)
         return attempt + 1
 
     # -- runs ---------------------------------------------------------------------------
@@ -160,6 +164,22 @@ class RunnerClient:
         """Every event after ``after_seq`` exactly once; ends at Exited, or with a Handback
         after ``wait_seconds`` while the run goes on (0 = wait for the end). Attaching
         after a finished run's last event yields nothing."""
+        events = self._events(run_id, after_seq, wait_seconds, start, follow=False)
+        async with closing_stream(events):
+            async for event in events:
+                yield event
+
+    async def _events(
+        self,
+        run_id: str,
+        after_seq: int,
+        wait_seconds: float,
+        start: pb.StartRequest | None,
+        follow: bool,
+    ) -> AsyncIterator[Event | Handback]:
+        """``attach``; with ``follow``, over the transport's cheapest way (a gRPC Session),
+        for callers that read every event at once."""
+        open_stream = self.transport.follow if follow else self.transport.attach
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds if wait_seconds > 0 else None
         last, attempt = after_seq, 0
@@ -170,24 +190,25 @@ class RunnerClient:
             if start is not None:
                 request.start.CopyFrom(start)  # idempotent: safe to resend on reconnect
             try:
-                async for response in self.transport.attach(request, None):
-                    attempt = 0
-                    if broken_at:
-                        self.resume_ms.append((time.perf_counter() - broken_at) * 1000)
-                        broken_at = 0.0
-                    for proto in response.events:
-                        if proto.seq <= last:
-                            continue
-                        last = proto.seq
-                        event = event_from_proto(proto)
-                        yield event
-                        if isinstance(event, Exited):
+                async with closing_stream(open_stream(request, None)) as responses:
+                    async for response in responses:
+                        attempt = 0
+                        if broken_at:
+                            self.resume_ms.append((time.perf_counter() - broken_at) * 1000)
+                            broken_at = 0.0
+                        for proto in response.events:
+                            if proto.seq <= last:
+                                continue
+                            last = proto.seq
+                            event = event_from_proto(proto)
+                            yield event
+                            if isinstance(event, Exited):
+                                return
+                        if response.handback:
+                            yield Handback(last)
                             return
-                    if response.handback:
-                        yield Handback(last)
-                        return
-                    if response.ended:
-                        return
+                        if response.ended:
+                            return
                 raise errors.Unavailable("the attach stream was cut")
             except errors.Unavailable:
                 broken_at = broken_at or time.perf_counter()
@@ -214,23 +235,25 @@ class RunnerClient:
         chunks: dict[Stream, list[bytes]] = {s: [] for s in Stream}
         truncated: list[Truncated] = []
         steps: list[StepEvent] = []
-        async for event in self.attach(run_id, after_seq, start=start):
-            if isinstance(event, Output):
-                chunks[event.stream].append(event.data)
-            elif isinstance(event, Truncated):
-                truncated.append(event)
-            elif isinstance(event, StepEvent):
-                steps.append(event)
-            elif isinstance(event, Exited):
-                return RunResult(
-                    run_id,
-                    event,
-                    stdout=b"".join(chunks[Stream.STDOUT]),
-                    stderr=b"".join(chunks[Stream.STDERR]),
-                    pty=b"".join(chunks[Stream.PTY]),
-                    truncated=truncated,
-                    steps=steps,
-                )
+        events = self._events(run_id, after_seq, 0.0, start, follow=True)
+        async with closing_stream(events):
+            async for event in events:
+                if isinstance(event, Output):
+                    chunks[event.stream].append(event.data)
+                elif isinstance(event, Truncated):
+                    truncated.append(event)
+                elif isinstance(event, StepEvent):
+                    steps.append(event)
+                elif isinstance(event, Exited):
+                    return RunResult(
+                        run_id,
+                        event,
+                        stdout=b"".join(chunks[Stream.STDOUT]),
+                        stderr=b"".join(chunks[Stream.STDERR]),
+                        pty=b"".join(chunks[Stream.PTY]),
+                        truncated=truncated,
+                        steps=steps,
+                    )
         raise errors.Internal(f"run {run_id!r} ended its event stream without an exit")
 
     async def write_stdin(self, run_id: str, data: bytes, eof: bool = False) -> None:

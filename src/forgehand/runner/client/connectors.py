@@ -102,6 +102,7 @@ class ExecConnector:
         try:
             await self._bridge(reader, writer)
         finally:
+            writer.close()  # also when the channel never started, or we were cancelled
             self._pumps.discard(task)
 
     async def _bridge(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -8,13 +8,17 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import grpc
+from grpc.aio import EOF  # type: ignore[attr-defined]
 
 from forgehand._proto.runner.v1 import runner_pb2 as pb
 from forgehand.runner import errors
 from forgehand.runner.client.connectors import Connector
+from forgehand.runner.client.transport import closing_stream
 
 SERVICE = "/forgehand.runner.v1.Runner/"
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+PROBE_SECONDS = 30.0
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 T = TypeVar("T")
 
 # How a lost connection shows up on a call: besides UNAVAILABLE, a stream cut mid-way can
@@ -38,6 +42,97 @@ def _serialize(message: Any) -> bytes:
     return data
 
 
+class _SessionCall:
+    """One Session call: many attaches on one stream, told apart by tag.
+
+    A reader task hands each response to its attach's queue; when the call fails, every
+    open attach gets the error (``Unavailable`` for a lost connection)."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        method = channel.stream_stream(
+            SERVICE + "Session", _serialize, pb.SessionResponse.FromString
+        )
+        self._call: Any = method(None)
+        self._queues: dict[int, asyncio.Queue[pb.SessionResponse | errors.RunnerError]] = {}
+        self._next_tag = 1
+        self._write_lock = asyncio.Lock()
+        self.failure: errors.RunnerError | None = None
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        failure: errors.RunnerError = errors.Unavailable("the runner session was closed")
+        try:
+            while (response := await self._call.read()) is not EOF:
+                queue = self._queues.get(response.tag)
+                if queue is not None:
+                    queue.put_nowait(response)
+            failure = errors.Unavailable("the runner ended the session")
+        except grpc.aio.AioRpcError as exc:
+            failure = map_error(exc)
+        finally:
+            self.failure = failure
+            for queue in self._queues.values():
+                queue.put_nowait(failure)
+
+    async def _write(self, request: pb.SessionRequest) -> None:
+        async with self._write_lock:
+            try:
+                await self._call.write(request)
+            except grpc.aio.AioRpcError as exc:
+                raise map_error(exc) from None
+            except asyncio.InvalidStateError:  # the call is already over
+                raise self.failure or errors.Unavailable("the runner session ended") from None
+
+    async def follow(
+        self, request: pb.AttachRequest, deadline: float | None
+    ) -> AsyncIterator[pb.AttachResponse]:
+        if self.failure is not None:
+            raise self.failure
+        loop = asyncio.get_running_loop()
+        end = None if deadline is None else loop.time() + deadline
+        tag, self._next_tag = self._next_tag, self._next_tag + 1
+        queue: asyncio.Queue[pb.SessionResponse | errors.RunnerError] = asyncio.Queue()
+        self._queues[tag] = queue
+        done = False
+        try:
+            await self._write(pb.SessionRequest(tag=tag, attach=request))
+            while not done:
+                item = await _get(queue, None if end is None else end - loop.time(), deadline)
+                if isinstance(item, errors.RunnerError):
+                    done = True
+                    raise item
+                done = item.done
+                if item.error_code:
+                    code = _STATUS_BY_NUMBER.get(item.error_code, grpc.StatusCode.UNKNOWN)
+                    raise errors.from_status(code, item.error_message)
+                if item.HasField("response"):
+                    yield item.response
+        finally:
+            self._queues.pop(tag, None)
+            if not done and self.failure is None:  # the caller stopped early: end the attach
+                with contextlib.suppress(errors.RunnerError):
+                    await self._write(pb.SessionRequest(tag=tag, cancel=True))
+
+    async def close(self) -> None:
+        self._call.cancel()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+
+async def _close_quietly(channel: grpc.aio.Channel) -> None:
+    with contextlib.suppress(Exception):
+        await channel.close(grace=None)
+
+
+async def _get(queue: asyncio.Queue[T], remaining: float | None, deadline: float | None) -> T:
+    if remaining is None:
+        return await queue.get()
+    try:
+        return await asyncio.wait_for(queue.get(), max(0.0, remaining))
+    except TimeoutError:
+        raise errors.DeadlineExceeded(f"no answer within {deadline}s") from None
+
+
 class GrpcTransport:
     """One gRPC channel to a runner; redialled on ``reconnect``."""
 
@@ -45,6 +140,9 @@ class GrpcTransport:
         self.connector = connector
         self._channel: grpc.aio.Channel | None = None
         self._lock = asyncio.Lock()
+        self._session: _SessionCall | None = None
+        self._sessions_offered: bool | None = None  # learnt from Capabilities, once
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def _open(self) -> grpc.aio.Channel:
         if self._channel is not None:
@@ -59,6 +157,9 @@ class GrpcTransport:
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.http2.lookahead_bytes", 16 * 1024 * 1024),
+                # Its own connection: from the global pool, a channel dialled after a cut
+                # could get a connection stuck in its reconnect backoff (a second or more).
+                ("grpc.use_local_subchannel_pool", 1),
                 *dial.options,
             ]
             if dial.credentials is None:
@@ -106,6 +207,32 @@ class GrpcTransport:
         self, request: pb.AttachRequest, deadline: float | None
     ) -> AsyncIterator[pb.AttachResponse]:
         return self._stream("Attach", request, pb.AttachResponse, deadline)
+
+    async def follow(
+        self, request: pb.AttachRequest, deadline: float | None
+    ) -> AsyncIterator[pb.AttachResponse]:
+        """Attach on the channel's Session call when the runner offers sessions (one
+        message instead of a new call), else with Attach."""
+        if deadline is not None and deadline <= 0:
+            raise errors.DeadlineExceeded(f"no answer within {deadline}s")
+        session = await self._open_session(deadline)
+        responses = (
+            self.attach(request, deadline) if session is None else session.follow(request, deadline)
+        )
+        async with closing_stream(responses):
+            async for response in responses:
+                yield response
+
+    async def _open_session(self, deadline: float | None) -> _SessionCall | None:
+        if self._sessions_offered is None:
+            features = (await self.capabilities(deadline or PROBE_SECONDS)).features
+            self._sessions_offered = "session" in features
+        if not self._sessions_offered:
+            return None
+        channel = await self._open()
+        if self._session is None or self._session.failure is not None:
+            self._session = _SessionCall(channel)
+        return self._session
 
     async def write_stdin(self, request: pb.WriteStdinRequest, deadline: float | None) -> None:
         await self._unary("WriteStdin", request, pb.WriteStdinResponse, deadline)
@@ -163,11 +290,17 @@ class GrpcTransport:
         return result
 
     async def reconnect(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
         channel, self._channel = self._channel, None
         if channel is not None:
-            with contextlib.suppress(Exception):
-                await channel.close(grace=None)
+            # Closed in the background: the redial need not wait for the old channel.
+            task = asyncio.create_task(_close_quietly(channel))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         await self.reconnect()
+        await asyncio.gather(*self._closing)
         await self.connector.close()

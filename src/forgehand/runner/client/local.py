@@ -16,6 +16,7 @@ from forgehand._proto.runner.v1 import runner_pb2 as pb
 from forgehand.runner import errors
 from forgehand.runner.core import RunnerCore
 from forgehand.runner.files import FileService
+from forgehand.runner.journal import parse_event
 
 T = TypeVar("T")
 
@@ -80,8 +81,13 @@ class LocalTransport:
         async for batch in _deadline_stream(batches, deadline):
             response = pb.AttachResponse(handback=batch.handback, ended=batch.ended)
             for payload in batch.events:
-                response.events.add().MergeFromString(payload)
+                response.events.add().CopyFrom(parse_event(payload))
             yield response
+
+    def follow(
+        self, request: pb.AttachRequest, deadline: float | None
+    ) -> AsyncIterator[pb.AttachResponse]:
+        return self.attach(request, deadline)
 
     async def write_stdin(self, request: pb.WriteStdinRequest, deadline: float | None) -> None:
         await _deadline(self.core.write_stdin(request.run_id, request.data, request.eof), deadline)

@@ -8,10 +8,25 @@ Two implementations: ``GrpcTransport`` (a real gRPC channel, dialled by a connec
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from forgehand._proto.runner.v1 import runner_pb2 as pb
+
+T = TypeVar("T")
+
+
+@contextlib.asynccontextmanager
+async def closing_stream(stream: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
+    """Close a stream (an async generator) as soon as its reader is done with it, rather
+    than leaving it to the event loop's finalizer (a task per stream, later)."""
+    try:
+        yield stream
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 class RunnerTransport(Protocol):
@@ -22,6 +37,12 @@ class RunnerTransport(Protocol):
     def attach(
         self, request: pb.AttachRequest, deadline: float | None
     ) -> AsyncIterator[pb.AttachResponse]: ...
+
+    def follow(
+        self, request: pb.AttachRequest, deadline: float | None
+    ) -> AsyncIterator[pb.AttachResponse]:
+        """Attach as cheaply as the transport can (over gRPC: on a shared Session call).
+        The caller must read promptly: responses may queue up in the client's memory."""
 
     async def write_stdin(self, request: pb.WriteStdinRequest, deadline: float | None) -> None: ...
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
@@ -12,6 +13,24 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 ALLOW_HINT = "add it to `network.allow` in .forgehand/config.yml"
+TRUSTED_NETWORKS_ENV = "FORGEHAND_TRUSTED_NETWORKS"
+
+
+def operator_trusted_networks() -> tuple[IPv4Network | IPv6Network, ...]:
+    """OPERATOR SETTING: the networks in ``$FORGEHAND_TRUSTED_NETWORKS`` (CIDRs separated
+    by commas or spaces), added to every sandbox's ``trusted_networks``: where an internal
+    package mirror lives on a private or reserved address. A repository cannot set this.
+    Raises ValueError naming the variable and the bad entry."""
+    networks: list[IPv4Network | IPv6Network] = []
+    for item in os.environ.get(TRUSTED_NETWORKS_ENV, "").replace(",", " ").split():
+        try:
+            networks.append(ipaddress.ip_network(item, strict=True))
+        except ValueError as exc:
+            raise ValueError(
+                f"${TRUSTED_NETWORKS_ENV}: {item!r} is not a network ({exc}); write CIDRs such "
+                "as 203.0.113.80/32, separated by commas"
+            ) from None
+    return tuple(networks)
 
 
 def normalize_host(host: str) -> str:

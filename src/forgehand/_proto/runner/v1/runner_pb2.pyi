@@ -552,6 +552,72 @@ class AttachResponse(_message.Message):
 Global___AttachResponse: _TypeAlias = AttachResponse  # noqa: Y015
 
 @_typing.final
+class SessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAG_FIELD_NUMBER: _builtins.int
+    ATTACH_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    tag: _builtins.int
+    """client-chosen; unique among the session's open attaches"""
+    cancel: _builtins.bool
+    """stop the attach under tag (the run goes on)"""
+    @_builtins.property
+    def attach(self) -> Global___AttachRequest:
+        """open an attach under tag (start included, if set)"""
+
+    def __init__(
+        self,
+        *,
+        tag: _builtins.int = ...,
+        attach: Global___AttachRequest | None = ...,
+        cancel: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "cancel", b"cancel", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionRequest: _TypeAlias = SessionRequest  # noqa: Y015
+
+@_typing.final
+class SessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAG_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    tag: _builtins.int
+    done: _builtins.bool
+    """The attach under tag is over: this is its last message. It ended as an Attach call
+    would (Exited, handback or ended in response), or failed with error_code.
+    """
+    error_code: _builtins.int
+    """a gRPC status code (google.rpc.Code); 0 = no error"""
+    error_message: _builtins.str
+    @_builtins.property
+    def response(self) -> Global___AttachResponse: ...
+    def __init__(
+        self,
+        *,
+        tag: _builtins.int = ...,
+        response: Global___AttachResponse | None = ...,
+        done: _builtins.bool = ...,
+        error_code: _builtins.int = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "error_code", b"error_code", "error_message", b"error_message", "response", b"response", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionResponse: _TypeAlias = SessionResponse  # noqa: Y015
+
+@_typing.final
 class Started(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

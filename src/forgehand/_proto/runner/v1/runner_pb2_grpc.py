@@ -49,6 +49,11 @@ class RunnerStub:
                 request_serializer=forgehand_dot___proto_dot_runner_dot_v1_dot_runner__pb2.AttachRequest.SerializeToString,
                 response_deserializer=forgehand_dot___proto_dot_runner_dot_v1_dot_runner__pb2.AttachResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/forgehand.runner.v1.Runner/Session',
+                request_serializer=forgehand_dot___proto_dot_runner_dot_v1_dot_runner__pb2.SessionRequest.SerializeToString,
+                response_deserializer=forgehand_dot___proto_dot_runner_dot_v1_dot_runner__pb2.SessionResponse.FromString,
+                _registered_method=True)
         self.WriteStdin = channel.unary_unary(
                 '/forgehand.runner.v1.Runner/WriteStdin',
                 request_serializer=forgehand_dot___proto_dot_runner_dot_v1_dot_runner__pb2.WriteStdinRequest.SerializeToString,
@@ -126,6 +131,19 @@ class RunnerServicer:
         gives one message with ended = true. A stream that ends in none of these three ways
         was cut: reconnect and attach again after the last seq received. Ending an attach
         never kills the run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Session(self, request_iterator, context):
+        """Many attaches on one long-lived stream: each SessionRequest opens (or cancels) an
+        attach under a client-chosen tag, and its AttachResponses come back under that tag,
+        each with the meaning it has on Attach. A new gRPC call costs far more than a message
+        on an open stream, so a client that runs many short commands keeps one session open
+        and starts-and-follows each run on it. Offered when Capabilities lists "session".
+        Losing the stream loses no run: reattach (on a new session or with Attach) after the
+        last seq received.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -212,6 +230,11 @@ def add_RunnerServicer_to_server(servicer, server):
                     servicer.Attach,
                     request_deserializer=forgehand_dot___proto_dot_runner_dot_v1_dot_runner__pb2.AttachRequest.FromString,
                     response_serializer=forgehand_dot___proto_dot_runner_dot_v1_dot_runner__pb2.AttachResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=forgehand_dot___proto_dot_runner_dot_v1_dot_runner__pb2.SessionRequest.FromString,
+                    response_serializer=forgehand_dot___proto_dot_runner_dot_v1_dot_runner__pb2.SessionResponse.SerializeToString,
             ),
             'WriteStdin': grpc.unary_unary_rpc_method_handler(
                     servicer.WriteStdin,
@@ -345,6 +368,33 @@ class Runner:
             '/forgehand.runner.v1.Runner/Attach',
             forgehand_dot___proto_dot_runner_dot_v1_dot_runner__pb2.AttachRequest.SerializeToString,
             forgehand_dot___proto_dot_runner_dot_v1_dot_runner__pb2.AttachResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/forgehand.runner.v1.Runner/Session',
+            forgehand_dot___proto_dot_runner_dot_v1_dot_runner__pb2.SessionRequest.SerializeToString,
+            forgehand_dot___proto_dot_runner_dot_v1_dot_runner__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,15 @@ class RunnerStub:
     was cut: reconnect and attach again after the last seq received. Ending an attach
     never kills the run.
     """
+    Session: _grpc.StreamStreamMultiCallable[_runner_pb2.SessionRequest, _runner_pb2.SessionResponse]
+    """Many attaches on one long-lived stream: each SessionRequest opens (or cancels) an
+    attach under a client-chosen tag, and its AttachResponses come back under that tag,
+    each with the meaning it has on Attach. A new gRPC call costs far more than a message
+    on an open stream, so a client that runs many short commands keeps one session open
+    and starts-and-follows each run on it. Offered when Capabilities lists "session".
+    Losing the stream loses no run: reattach (on a new session or with Attach) after the
+    last seq received.
+    """
     WriteStdin: _grpc.UnaryUnaryMultiCallable[_runner_pb2.WriteStdinRequest, _runner_pb2.WriteStdinResponse]
     ResizePty: _grpc.UnaryUnaryMultiCallable[_runner_pb2.ResizePtyRequest, _runner_pb2.ResizePtyResponse]
     Cancel: _grpc.UnaryUnaryMultiCallable[_runner_pb2.CancelRequest, _runner_pb2.CancelResponse]
@@ -87,6 +96,15 @@ class RunnerAsyncStub(RunnerStub):
     gives one message with ended = true. A stream that ends in none of these three ways
     was cut: reconnect and attach again after the last seq received. Ending an attach
     never kills the run.
+    """
+    Session: _aio.StreamStreamMultiCallable[_runner_pb2.SessionRequest, _runner_pb2.SessionResponse]  # type: ignore[assignment]
+    """Many attaches on one long-lived stream: each SessionRequest opens (or cancels) an
+    attach under a client-chosen tag, and its AttachResponses come back under that tag,
+    each with the meaning it has on Attach. A new gRPC call costs far more than a message
+    on an open stream, so a client that runs many short commands keeps one session open
+    and starts-and-follows each run on it. Offered when Capabilities lists "session".
+    Losing the stream loses no run: reattach (on a new session or with Attach) after the
+    last seq received.
     """
     WriteStdin: _aio.UnaryUnaryMultiCallable[_runner_pb2.WriteStdinRequest, _runner_pb2.WriteStdinResponse]  # type: ignore[assignment]
     ResizePty: _aio.UnaryUnaryMultiCallable[_runner_pb2.ResizePtyRequest, _runner_pb2.ResizePtyResponse]  # type: ignore[assignment]
@@ -135,6 +153,21 @@ class RunnerServicer(metaclass=_abc_1.ABCMeta):
         gives one message with ended = true. A stream that ends in none of these three ways
         was cut: reconnect and attach again after the last seq received. Ending an attach
         never kills the run.
+        """
+
+    @_abc_1.abstractmethod
+    def Session(
+        self,
+        request_iterator: _MaybeAsyncIterator[_runner_pb2.SessionRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_runner_pb2.SessionResponse], _abc.AsyncIterator[_runner_pb2.SessionResponse]]:
+        """Many attaches on one long-lived stream: each SessionRequest opens (or cancels) an
+        attach under a client-chosen tag, and its AttachResponses come back under that tag,
+        each with the meaning it has on Attach. A new gRPC call costs far more than a message
+        on an open stream, so a client that runs many short commands keeps one session open
+        and starts-and-follows each run on it. Offered when Capabilities lists "session".
+        Losing the stream loses no run: reattach (on a new session or with Attach) after the
+        last seq received.
         """
 
     @_abc_1.abstractmethod
