@@ -8,8 +8,8 @@ Measured in one run, next to the host's own plain spawn of ``true``:
 - ``idle_pss_mb``: PSS (``/proc/<pid>/smaps_rollup``) summed over every host process
   that exists because of one idle sandbox (``member_pids``), runner included: bwrap its
   cgroup; gVisor the subreaper, runsc's sandbox, gofer and stub processes and the host's
-  ``runsc exec``/``wait`` helpers; podman the conmons, the container's processes and the
-  host's ``podman exec``/``wait`` helpers. Null when the backend cannot list them.
+  ``runsc exec`` channel; podman the subreaper, conmon and the container's processes (no
+  host-side podman process stays). Null when the backend cannot list them.
 - ``density``: idle sandboxes of the default backend started four at a time until 30 s,
   16 GiB of PSS or ``density_max``; how many, how long, and their total PSS.
 
