@@ -87,7 +87,8 @@ def _segments(directory: Path | str) -> list[tuple[int, str]]:
     return found
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """``value`` as a protobuf varint (records and responses are assembled by hand)."""
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -176,9 +177,9 @@ class JournalWriter:
         """``append`` of an Output event, encoded here rather than by protobuf: the data is
         not copied into a message, a serialization and a record, only into the file."""
         seq = self.next_seq
-        output = b"\x08" + _varint(stream) + b"\x12" + _varint(len(data))
-        head = [b"\x08", _varint(seq), b"\x10", _varint(time.time_ns()), b"\x22"]
-        prefix = b"".join([*head, _varint(len(output) + len(data)), output])
+        output = b"\x08" + varint(stream) + b"\x12" + varint(len(data))
+        head = [b"\x08", varint(seq), b"\x10", varint(time.time_ns()), b"\x22"]
+        prefix = b"".join([*head, varint(len(output) + len(data)), output])
         length = len(prefix) + len(data)
         header = HEADER.pack(length, zlib.crc32(data, zlib.crc32(prefix)), seq)
         self._write_whole([header + prefix, data], HEADER.size + length)

@@ -29,7 +29,7 @@ from forgehand.runner.auth import TokenInterceptor, server_credentials
 from forgehand.runner.config import RunnerConfig
 from forgehand.runner.core import AttachBatch, RunnerCore
 from forgehand.runner.files import FileService
-from forgehand.runner.journal import Payload
+from forgehand.runner.journal import Payload, varint
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +40,10 @@ SESSION_QUEUE = 16  # responses a session buffers before its attaches wait for t
 T = TypeVar("T")
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _attach_parts(batch: AttachBatch) -> list[Payload]:
     parts: list[Payload] = []
     for event in batch.events:
-        parts += (b"\x0a" + _varint(len(event)), event)
+        parts += (b"\x0a" + varint(len(event)), event)
     if batch.handback:
         parts.append(b"\x10\x01")
     if batch.ended:
@@ -70,15 +61,15 @@ def encode_session(tag: int, batch: AttachBatch) -> bytes:
     parts = _attach_parts(batch)
     size = sum(len(part) for part in parts)
     done = b"\x18\x01" if batch.final else b""
-    return b"".join([b"\x08", _varint(tag), b"\x12", _varint(size), *parts, done])
+    return b"".join([b"\x08", varint(tag), b"\x12", varint(size), *parts, done])
 
 
 def encode_session_error(tag: int, error: errors.RunnerError) -> bytes:
     """The wire bytes of the SessionResponse that ends the attach under tag with an error."""
     code: int = error.code.value[0]
     message = str(error).encode()
-    head = [b"\x08", _varint(tag), b"\x18\x01\x20", _varint(code), b"\x2a"]
-    return b"".join([*head, _varint(len(message)), message])
+    head = [b"\x08", varint(tag), b"\x18\x01\x20", varint(code), b"\x2a"]
+    return b"".join([*head, varint(len(message)), message])
 
 
 async def _abort(

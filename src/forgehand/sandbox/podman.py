@@ -530,13 +530,8 @@ class PodmanSandbox(rootfs.ManagedSandbox):
     async def _await_reaper(self) -> None:
         """Once the container is removed, its subreaper has reaped conmon and exits."""
         reaper, self._reaper = self._reaper, None
-        if reaper is not None and not await rootfs.await_subreaper(
-            reaper, self.config.reap_timeout_seconds
-        ):
-            raise SandboxError(
-                f"processes of podman sandbox {self._id} outlived `podman rm` by "
-                f"{self.config.reap_timeout_seconds:g}s; find them with `ps -ef | grep conmon`"
-            )
+        patience = self.config.reap_timeout_seconds
+        await rootfs.await_subreaper(reaper, patience, f"podman sandbox {self._id}", "podman rm")
 
     async def _unmount_sock(self) -> None:
         if self._sock_mounted:

@@ -421,18 +421,26 @@ async def subreaper_status(process: asyncio.subprocess.Process) -> int | None:
     return int(line) if line.lstrip(b"-").isdigit() else None
 
 
-async def await_subreaper(process: asyncio.subprocess.Process, patience: float) -> bool:
+async def await_subreaper(
+    process: asyncio.subprocess.Process | None, patience: float, sandbox: str, after: str
+) -> None:
     """Wait for the subreaper to exit, which it does once every descendant has ended and
-    been reaped; False if it had to be killed after ``patience`` seconds."""
+    been reaped. If it has not after ``patience`` seconds, kill it and raise SandboxError
+    saying that processes of ``sandbox`` outlived ``after`` (the runtime's delete)."""
+    if process is None:
+        return
     try:
         async with asyncio.timeout(patience):
             await process.wait()
-        return True
+        return
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             process.kill()
         await process.wait()
-        return False
+    raise SandboxError(
+        f"processes of {sandbox} outlived {after} by {patience:g}s; find them with "
+        "`ps -ef --forest` under the sandbox's subreaper"
+    )
 
 
 def _open_log(path: Path) -> int:
