@@ -216,6 +216,21 @@ async def test_nothing_is_left_afterwards(base: Path) -> None:
     assert sandbox.state is SandboxState.DESTROYED
 
 
+async def idle_members(
+    sandbox: Any,
+) -> tuple[set[int], dict[int, procs.ProcessInfo], list[str]]:
+    """The sandbox's processes once the start's short-lived podman calls (the watcher's
+    one `podman inspect`, slow under load) have ended: (pids, process table, their names)."""
+    for _ in range(200):
+        pids = await sandbox.member_pids()
+        table = procs.snapshot()
+        comms = [table[p].comm for p in pids if p in table]
+        if "podman" not in comms:
+            break
+        await asyncio.sleep(0.1)
+    return pids, table, comms
+
+
 async def test_destroy_leaves_no_process_and_no_zombie(base: Path) -> None:
     """conmon daemonizes; our subreaper must inherit and reap it, or each sandbox leaves a
     zombie under PID 1 (which does not reap on every machine). No host-side podman
@@ -227,9 +242,7 @@ async def test_destroy_leaves_no_process_and_no_zombie(base: Path) -> None:
             assert (await sandbox.client.run(sh("true"))).exit.ok
             await sandbox.client.transport.reconnect()  # a new channel, the same socket
             assert (await sandbox.client.run(sh("true"))).exit.ok
-            pids = await sandbox.member_pids()
-            table = procs.snapshot()
-            comms = [table[p].comm for p in pids if p in table]
+            pids, table, comms = await idle_members(sandbox)
             assert "conmon" in comms
             assert "podman" not in comms
             members |= {p: table[p].start_ticks for p in pids if p in table}
