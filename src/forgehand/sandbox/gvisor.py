@@ -32,15 +32,13 @@ Runs get the wall time as their timeout; the sandbox ends (``timeout``) a little
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -54,8 +52,6 @@ from forgehand.sandbox import cgroups, procs, rootfs
 from forgehand.sandbox.backend import (
     ISOLATION_RANK,
     Achieved,
-    Availability,
-    SandboxRecord,
     register_backend,
 )
 from forgehand.sandbox.cgroups import CgroupGroup, Controller
@@ -71,9 +67,7 @@ from forgehand.sandbox.registry import (
     DEFAULT_ROOT,
     Entry,
     Registry,
-    list_records,
     own_entry,
-    reap_leftovers,
 )
 from forgehand.sandbox.rootfs import SandboxEnd, SandboxState
 from forgehand.sandbox.runs import run_environment, run_spec
@@ -574,47 +568,23 @@ async def delete_runsc(config: GVisorConfig, sandbox_id: str) -> None:
         raise SandboxError(f"`runsc delete --force {sandbox_id}` failed: {text[-1000:]}")
 
 
-class GVisorBackend:
+class GVisorBackend(rootfs.ManagedBackend[GVisorConfig, GVisorSandbox]):
     """Sandboxes in gVisor's user-space kernel: isolation ``kernel``."""
 
     name = NAME
     isolation: IsolationLevel = "kernel"
 
-    def __init__(
-        self, config: GVisorConfig | None = None, *, resolver: Resolver | None = None
-    ) -> None:
-        self.config = config or GVisorConfig()
-        self.resolver = resolver
-        """The egress proxy's resolver (None: the system's); tests map names to loopback."""
-        self.registry = Registry(self.config.state_dir)
+    def _default_config(self) -> GVisorConfig:
+        return GVisorConfig()
 
-    def availability(self) -> Availability:
-        try:
-            detail = check_host(self.config)
-        except SandboxError as exc:
-            return Availability(NAME, False, "kernel", str(exc))
-        return Availability(NAME, True, "kernel", detail)
+    def _check_host(self) -> str:
+        return check_host(self.config)
 
-    def create(self, spec: SandboxSpec) -> contextlib.AbstractAsyncContextManager[GVisorSandbox]:
-        """Start a sandbox; it is destroyed on every path out of the ``async with``."""
-        return self._create(spec)
+    def _sandbox(self, spec: SandboxSpec) -> GVisorSandbox:
+        return GVisorSandbox(spec, self.config, resolver=self.resolver)
 
-    @asynccontextmanager
-    async def _create(self, spec: SandboxSpec) -> AsyncIterator[GVisorSandbox]:
-        sandbox = GVisorSandbox(spec, self.config, resolver=self.resolver)
-        await sandbox.start()
-        try:
-            yield sandbox
-        finally:
-            await sandbox.destroy()
-
-    async def list_sandboxes(self) -> list[SandboxRecord]:
-        return await list_records(self.registry, NAME)
-
-    async def reap(self) -> list[SandboxRecord]:
-        return await reap_leftovers(
-            self.registry, NAME, lambda entry: reap_entry(self.config, self.registry, entry)
-        )
+    async def _reap_entry(self, entry: Entry) -> None:
+        await reap_entry(self.config, self.registry, entry)
 
 
 async def reap_entry(config: GVisorConfig, registry: Registry, entry: Entry) -> None:

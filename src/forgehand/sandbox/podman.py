@@ -31,15 +31,13 @@ rlimits here) and runc (crun refuses the hybrid cgroup layout).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -53,8 +51,6 @@ from forgehand.sandbox import cgroups, procs, rootfs
 from forgehand.sandbox.backend import (
     ISOLATION_RANK,
     Achieved,
-    Availability,
-    SandboxRecord,
     register_backend,
 )
 from forgehand.sandbox.egress import EgressProxy, Resolver
@@ -69,9 +65,7 @@ from forgehand.sandbox.registry import (
     DEFAULT_ROOT,
     Entry,
     Registry,
-    list_records,
     own_entry,
-    reap_leftovers,
 )
 from forgehand.sandbox.rootfs import SandboxEnd, SandboxState
 from forgehand.sandbox.runs import run_environment, run_spec
@@ -556,47 +550,23 @@ async def remove_container(config: PodmanConfig, name: str) -> None:
         raise SandboxError(f"`podman rm --force {name}` failed: {text[-1000:]}")
 
 
-class PodmanBackend:
+class PodmanBackend(rootfs.ManagedBackend[PodmanConfig, PodmanSandbox]):
     """Sandboxes as rootful podman containers (runc): isolation ``container``."""
 
     name = NAME
     isolation: IsolationLevel = "container"
 
-    def __init__(
-        self, config: PodmanConfig | None = None, *, resolver: Resolver | None = None
-    ) -> None:
-        self.config = config or PodmanConfig()
-        self.resolver = resolver
-        """The egress proxy's resolver (None: the system's); tests map names to loopback."""
-        self.registry = Registry(self.config.state_dir)
+    def _default_config(self) -> PodmanConfig:
+        return PodmanConfig()
 
-    def availability(self) -> Availability:
-        try:
-            detail = check_host(self.config)
-        except SandboxError as exc:
-            return Availability(NAME, False, "container", str(exc))
-        return Availability(NAME, True, "container", detail)
+    def _check_host(self) -> str:
+        return check_host(self.config)
 
-    def create(self, spec: SandboxSpec) -> contextlib.AbstractAsyncContextManager[PodmanSandbox]:
-        """Start a sandbox; it is destroyed on every path out of the ``async with``."""
-        return self._create(spec)
+    def _sandbox(self, spec: SandboxSpec) -> PodmanSandbox:
+        return PodmanSandbox(spec, self.config, resolver=self.resolver)
 
-    @asynccontextmanager
-    async def _create(self, spec: SandboxSpec) -> AsyncIterator[PodmanSandbox]:
-        sandbox = PodmanSandbox(spec, self.config, resolver=self.resolver)
-        await sandbox.start()
-        try:
-            yield sandbox
-        finally:
-            await sandbox.destroy()
-
-    async def list_sandboxes(self) -> list[SandboxRecord]:
-        return await list_records(self.registry, NAME)
-
-    async def reap(self) -> list[SandboxRecord]:
-        return await reap_leftovers(
-            self.registry, NAME, lambda entry: reap_entry(self.config, self.registry, entry)
-        )
+    async def _reap_entry(self, entry: Entry) -> None:
+        await reap_entry(self.config, self.registry, entry)
 
 
 async def reap_entry(config: PodmanConfig, registry: Registry, entry: Entry) -> None:

@@ -30,12 +30,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import forgehand
 from forgehand.runner.client import ExecConnector, RunnerClient
 from forgehand.runner.model import Exited, ExitReason, Output, RunSpec
 from forgehand.sandbox import bwrap, subreaper
+from forgehand.sandbox.backend import Availability, SandboxRecord
 from forgehand.sandbox.egress import AllowRule, EgressConfig, EgressProxy, Resolver
 from forgehand.sandbox.egress.config import operator_trusted_networks
 from forgehand.sandbox.errors import (
@@ -44,8 +45,9 @@ from forgehand.sandbox.errors import (
     SandboxLaunchError,
     SandboxStateError,
 )
+from forgehand.sandbox.registry import Entry, Registry, list_records, reap_leftovers
 from forgehand.sandbox.runs import EGRESS_LOG
-from forgehand.sandbox.spec import DirRoot, ProxyNetwork, SandboxSpec
+from forgehand.sandbox.spec import DirRoot, IsolationLevel, ProxyNetwork, SandboxSpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -577,3 +579,68 @@ class ManagedSandbox:
             raise SandboxStateError(
                 f"cannot {action} sandbox {self._id}: it is {self.state.value}{why}"
             )
+
+
+class BackendSettings(Protocol):
+    """What ``ManagedBackend`` reads of a backend's settings."""
+
+    @property
+    def state_dir(self) -> Path: ...
+
+
+ConfigT = TypeVar("ConfigT", bound=BackendSettings)
+SandboxT = TypeVar("SandboxT", bound=ManagedSandbox)
+
+
+class ManagedBackend(Generic[ConfigT, SandboxT]):
+    """What the gVisor and podman backends share: their settings and registry, creating a
+    sandbox that is destroyed on every path, availability, ``ls`` and ``gc``. A backend
+    says how to check the host, make a sandbox and reap a dead owner's leftovers."""
+
+    name: str
+    isolation: IsolationLevel
+
+    def __init__(self, config: ConfigT | None = None, *, resolver: Resolver | None = None) -> None:
+        self.config = config if config is not None else self._default_config()
+        self.resolver = resolver
+        """The egress proxy's resolver (None: the system's); tests map names to loopback."""
+        self.registry = Registry(self.config.state_dir)
+
+    def _default_config(self) -> ConfigT:
+        raise NotImplementedError
+
+    def _check_host(self) -> str:
+        """What works here, or raise SandboxError saying what to install."""
+        raise NotImplementedError
+
+    def _sandbox(self, spec: SandboxSpec) -> SandboxT:
+        raise NotImplementedError
+
+    async def _reap_entry(self, entry: Entry) -> None:
+        raise NotImplementedError
+
+    def availability(self) -> Availability:
+        try:
+            detail = self._check_host()
+        except SandboxError as exc:
+            return Availability(self.name, False, self.isolation, str(exc))
+        return Availability(self.name, True, self.isolation, detail)
+
+    def create(self, spec: SandboxSpec) -> contextlib.AbstractAsyncContextManager[SandboxT]:
+        """Start a sandbox; it is destroyed on every path out of the ``async with``."""
+        return self._create(spec)
+
+    @contextlib.asynccontextmanager
+    async def _create(self, spec: SandboxSpec) -> AsyncGenerator[SandboxT, None]:
+        sandbox = self._sandbox(spec)
+        await sandbox.start()
+        try:
+            yield sandbox
+        finally:
+            await sandbox.destroy()
+
+    async def list_sandboxes(self) -> list[SandboxRecord]:
+        return await list_records(self.registry, self.name)
+
+    async def reap(self) -> list[SandboxRecord]:
+        return await reap_leftovers(self.registry, self.name, self._reap_entry)
