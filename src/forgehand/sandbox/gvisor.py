@@ -519,21 +519,7 @@ class GVisorSandbox(rootfs.ManagedSandbox):
             self._unmount_work,
             self._stop_proxy,
         ]
-        failures: list[BaseException] = []
-        for step in steps:
-            try:
-                await step()
-            except Exception as exc:
-                failures.append(exc)
-        if not failures:
-            await rootfs.blocking(self._registry.remove, self._id)
-        return failures
-
-    async def _stop_watcher(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
-            self._watcher = None
+        return await self._cleanup(steps)
 
     async def _delete_sandbox(self) -> None:
         if self._started:

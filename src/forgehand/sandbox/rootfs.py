@@ -519,13 +519,34 @@ class SandboxEnd:
 
 class ManagedSandbox:
     """The start/destroy lifecycle the gVisor and podman sandboxes share. A subclass sets
-    ``state``, ``_id``, ``_ended`` and ``_watcher`` and provides ``_launch`` (set up, return
-    once the runner answers) and ``_teardown`` (every cleanup step; the failures)."""
+    ``state``, ``_id``, ``_registry``, ``_ended`` and ``_watcher`` and provides ``_launch``
+    (set up, return once the runner answers) and ``_teardown`` (every cleanup step; the
+    failures, usually through ``_cleanup``)."""
 
     state: SandboxState
     _id: str
+    _registry: Registry
     _ended: SandboxEnd | None
     _watcher: asyncio.Task[None] | None
+
+    async def _cleanup(self, steps: Sequence[Callable[[], Awaitable[None]]]) -> list[BaseException]:
+        """Run every step, whatever the others did; the record goes last, and only if all
+        else worked (so ``gc`` can still find what is left). The failures."""
+        failures: list[BaseException] = []
+        for step in steps:
+            try:
+                await step()
+            except Exception as exc:
+                failures.append(exc)
+        if not failures:
+            await blocking(self._registry.remove, self._id)
+        return failures
+
+    async def _stop_watcher(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+            self._watcher = None
 
     async def _launch(self) -> None:
         raise NotImplementedError
