@@ -27,6 +27,17 @@ PATTERN = (
     "for i in range({blocks}):\n"
     "    out.write(b'%015d\\n' % i)\n"
 )
+# The same output in 16 KiB writes a moment apart, so that it reaches the journal as many
+# records even when the keeper lags (a fast writer's output is read in large chunks, and
+# few events leave few chances to cut a connection between them).
+PACED = (
+    "import sys, time\n"
+    "out = sys.stdout.buffer\n"
+    "for i in range({blocks}):\n"
+    "    out.write(b'%015d\\n' % i)\n"
+    "    if i % 1024 == 1023:\n"
+    "        out.flush(); time.sleep(0.002)\n"
+)
 
 
 def expected(blocks: int) -> bytes:
@@ -81,7 +92,7 @@ async def test_forced_disconnects_lose_and_duplicate_nothing(
 ) -> None:
     relay, _socket = relayed
     blocks = 4 * 1024 * 1024 // 16  # 4 MiB
-    spec = RunSpec(argv=("/usr/bin/python3", "-c", PATTERN.format(blocks=blocks)))
+    spec = RunSpec(argv=("/usr/bin/python3", "-c", PACED.format(blocks=blocks)))
     cuts, data, seqs = 0, bytearray(), []
     async with RunnerClient.unix(relay.path) as client:
         run_id = await client.start(spec)
