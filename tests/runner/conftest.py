@@ -1,8 +1,9 @@
 """Fixtures for runner tests: real daemons on real sockets, and one client per transport.
 
-``client`` is parametrized over every way to reach a runner — gRPC on a unix socket, gRPC
-through the stdio proxy (the exec-channel path), and the in-process transport — so each
-test that uses it proves the same contract on all of them.
+``client`` is parametrized over every way to reach a runner — a unix socket (attaches over
+the direct channel, everything else gRPC), gRPC alone on a unix socket, gRPC through the
+stdio proxy (the exec-channel path), and the in-process transport — so each test that
+uses it proves the same contract on all of them.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from forgehand.runner.client import LocalTransport, RunnerClient
+from forgehand.runner.client import LocalTransport, RunnerClient, UnixConnector
+from forgehand.runner.client.grpc_transport import GrpcTransport
 from forgehand.runner.config import RunnerConfig
 from forgehand.runner.core import RunnerCore
 from forgehand.runner.keeper import stop_keeper
 from forgehand.runner.server import RunnerServer
 
-TRANSPORTS = ("unix", "proxy", "local")
+TRANSPORTS = ("unix", "unix-grpc", "proxy", "local")
 
 
 @pytest.fixture
@@ -73,8 +75,10 @@ async def client(
         return
     socket = short_tmp / "runner.sock"
     async with RunnerServer(config, unix_socket=socket):
-        connect = RunnerClient.unix if kind == "unix" else None
-        remote = connect(socket) if connect else RunnerClient.exec(proxy_argv(socket))
+        if kind == "proxy":
+            remote = RunnerClient.exec(proxy_argv(socket))
+        else:
+            remote = RunnerClient(GrpcTransport(UnixConnector(socket), use_direct=kind == "unix"))
         async with remote:
             yield remote
 

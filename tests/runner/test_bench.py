@@ -31,11 +31,11 @@ def test_runner_benchmark_prints_one_json_object() -> None:
     )
     result = json.loads(done.stdout)
     rtt = result["exec_rtt_ms"]
-    assert set(rtt) == {"runner_unix", "runner_stdio_proxy", "host_subprocess"}
+    assert set(rtt) == {"runner_unix", "runner_unix_grpc", "runner_stdio_proxy", "host_subprocess"}
     assert all(set(v) == {"p50", "p99"} for v in rtt.values())
-    assert set(result["stream_mb_s"]) == {"runner", "pipe"}
-    reconnect = result["reconnect"]
-    assert reconnect["disconnects"] == 3
-    assert reconnect["bytes_lost"] == 0
-    assert reconnect["bytes_duplicated"] == 0
-    assert reconnect["resume_ms_p50"] is not None
+    assert set(result["stream_mb_s"]) == {"runner", "runner_grpc", "pipe"}
+    for reconnect in (result["reconnect"], result["reconnect_grpc"]):
+        assert reconnect["disconnects"] == 3
+        assert reconnect["bytes_lost"] == 0
+        assert reconnect["bytes_duplicated"] == 0
+        assert reconnect["resume_ms_p50"] is not None

@@ -18,6 +18,8 @@ import os
 import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -522,3 +524,112 @@ def test_fuzz_mutated_messages(daemon: Daemon) -> None:
     mutate()
     check_no_leftovers(daemon)
     assert outside_snapshot(daemon) == before, "a write escaped the runner's root"
+
+
+# -- (c) the direct attach channel -----------------------------------------------------------
+
+FRAME = struct.Struct("<I")
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+NEVER = (grpc.StatusCode.UNKNOWN.value[0], grpc.StatusCode.INTERNAL.value[0])
+
+
+def direct_exchange(daemon: Daemon, data: bytes, shut: bool) -> list[pb.SessionResponse]:
+    """Send raw bytes on the direct channel (then shut our sending side, if ``shut``) and
+    read every frame until the last one, the daemon's close, or CALL_SECONDS."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(CALL_SECONDS)
+    received = bytearray()
+    try:
+        conn.connect(str(daemon.socket) + ".direct")
+        conn.sendall(data)
+        if shut:
+            conn.shutdown(socket.SHUT_WR)
+        while chunk := conn.recv(65536):
+            received += chunk
+            if _frames(received) and _frames(received)[-1].done:
+                break
+    except (TimeoutError, ConnectionError):
+        pass
+    finally:
+        conn.close()
+    return _frames(received)
+
+
+def _frames(data: bytearray) -> list[pb.SessionResponse]:
+    """The whole frames in data; each must parse as a SessionResponse."""
+    frames, pos = [], 0
+    while len(data) - pos >= FRAME.size:
+        (size,) = FRAME.unpack_from(data, pos)
+        if len(data) - pos - FRAME.size < size:
+            break
+        frames.append(pb.SessionResponse.FromString(bytes(data[pos + 4 : pos + 4 + size])))
+        pos += FRAME.size + size
+    return frames
+
+
+def check_direct(daemon: Daemon, frames: list[pb.SessionResponse], malformed: bool) -> None:
+    for frame in frames:
+        assert frame.error_code not in NEVER, frame
+        for leak in LEAKS:
+            assert not leak.search(frame.error_message), frame.error_message
+    if malformed:
+        assert frames, "no answer to a malformed direct request"
+        assert frames[-1].error_code == INVALID_ARGUMENT, frames
+    assert daemon.alive(), "the daemon stopped answering"
+
+
+def framed(payload: bytes) -> bytes:
+    return FRAME.pack(len(payload)) + payload
+
+
+def test_fuzz_direct_channel_raw_bytes(daemon: Daemon) -> None:
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(
+        data=st.one_of(
+            st.binary(max_size=64),
+            st.binary(max_size=200).map(framed),
+            st.tuples(UINT32, st.binary(max_size=64)).map(lambda t: FRAME.pack(t[0]) + t[1]),
+        )
+    )
+    def raw(data: bytes) -> None:
+        size = FRAME.unpack_from(data)[0] if len(data) >= FRAME.size else -1
+        whole = 0 <= size <= len(data) - FRAME.size
+        request = data[FRAME.size : FRAME.size + size]
+        frames = direct_exchange(daemon, data, shut=True)
+        check_direct(daemon, frames, malformed=not whole or not decodes(pb.AttachRequest, request))
+
+    raw()
+    check_no_leftovers(daemon)
+
+
+def test_fuzz_direct_channel_requests(daemon: Daemon) -> None:
+    @settings(
+        max_examples=150,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(data=st.data())
+    def mutate(data: st.DataObject) -> None:
+        request = data.draw(
+            st.builds(
+                pb.AttachRequest,
+                run_id=RUN_IDS,
+                after_seq=UINT64,
+                wait_seconds=mostly(st.sampled_from([0.0, 0.05]), NASTY_FLOATS),
+                max_batch_bytes=UINT32,
+            )
+        )
+        start = data.draw(st.one_of(st.none(), start_requests(daemon)))
+        malformed = not math.isfinite(request.wait_seconds) or request.wait_seconds < 0
+        if start is not None:
+            start.run_id = request.run_id if data.draw(st.booleans()) else start.run_id
+            request.start.CopyFrom(start)
+            malformed = malformed or start_is_malformed(start) or start.run_id != request.run_id
+        frames = direct_exchange(daemon, framed(request.SerializeToString()), shut=False)
+        check_direct(daemon, frames, malformed)
+        if frames and not frames[-1].error_code:
+            assert frames[-1].done, "a direct attach ended without its last frame"
+
+    mutate()
+    check_no_leftovers(daemon)

@@ -22,6 +22,11 @@ from forgehand.runner.model import Output, RunSpec
 from forgehand.runner.server import RunnerServer
 
 
+def grpc_client(socket: Path) -> RunnerClient:
+    """A client that follows runs over gRPC sessions (not the direct channel)."""
+    return RunnerClient(GrpcTransport(UnixConnector(socket), use_direct=False))
+
+
 def start_request(run_id: str, *argv: str) -> pb.StartRequest:
     return pb.StartRequest(run_id=run_id, argv=pb.Argv(args=list(argv)))
 
@@ -34,7 +39,7 @@ async def follow(transport: GrpcTransport, request: pb.AttachRequest) -> list[pb
 
 async def test_runs_share_one_session(server: RunnerServer) -> None:
     assert server.unix_socket is not None
-    async with RunnerClient.unix(server.unix_socket) as client:
+    async with grpc_client(server.unix_socket) as client:
         assert "session" in (await client.capabilities()).features
         specs = [
             RunSpec(argv=("sh", "-c", f"echo {i}; echo err{i} >&2; exit {i % 3}"))
@@ -74,7 +79,7 @@ async def test_errors_end_one_attach_and_the_session_goes_on(server: RunnerServe
 
 async def test_a_caller_that_stops_early_leaves_the_run_running(server: RunnerServer) -> None:
     assert server.unix_socket is not None
-    async with RunnerClient.unix(server.unix_socket) as client:
+    async with grpc_client(server.unix_socket) as client:
         transport = client.transport
         assert isinstance(transport, GrpcTransport)
         request = pb.AttachRequest(run_id="sleeper", start=start_request("sleeper", "sleep", "30"))
@@ -110,7 +115,7 @@ async def test_run_survives_cut_sessions(config: RunnerConfig, short_tmp: Path) 
     async with (
         RunnerServer(config, unix_socket=socket),
         Relay(socket, short_tmp / "relay.sock") as relay,
-        RunnerClient.unix(relay.path) as client,
+        grpc_client(relay.path) as client,
     ):
         run = asyncio.create_task(client.run(spec))
         cuts = 0
@@ -129,7 +134,7 @@ async def test_without_the_session_feature_run_uses_attach(
 ) -> None:
     monkeypatch.setattr(core, "FEATURES", tuple(f for f in core.FEATURES if f != "session"))
     socket = short_tmp / "runner.sock"
-    async with RunnerServer(config, unix_socket=socket), RunnerClient.unix(socket) as client:
+    async with RunnerServer(config, unix_socket=socket), grpc_client(socket) as client:
         result = await client.run(RunSpec(argv=("echo", "old runner")))
         transport = client.transport
         assert isinstance(transport, GrpcTransport)
@@ -161,7 +166,7 @@ async def test_output_of_every_size_arrives_whole(server: RunnerServer, work: Pa
     assert server.unix_socket is not None
     payload = bytes(range(256)) * (3 * 1024 * 1024 // 256 + 7)
     (work / "blob").write_bytes(payload)
-    async with RunnerClient.unix(server.unix_socket) as client:
+    async with grpc_client(server.unix_socket) as client:
         result = await client.run(RunSpec(argv=("cat", str(work / "blob"))))
         chunks = [e async for e in client.attach(result.run_id) if isinstance(e, Output)]
     assert result.stdout == payload

@@ -60,3 +60,28 @@ async def test_a_symlink_put_in_place_of_the_runner_socket_is_not_followed(base:
     with pytest.raises(BlockingIOError):
         decoy.accept()
     decoy.close()
+
+
+async def test_the_direct_channel_is_pinned_too(base: Path) -> None:
+    decoy = socket.socket(socket.AF_UNIX)
+    decoy.bind(str(base / "decoy.sock"))
+    decoy.listen()
+    spec = SandboxSpec.model_validate(
+        {"work_dir": {"host_path": str(base / "work"), "size_bytes": "16M"}}
+    )
+    backend = BwrapBackend(BwrapBackendConfig(state_dir=base / "state"))
+    async with backend.create(spec) as sandbox:
+        connector = sandbox.client.transport.connector  # type: ignore[attr-defined]
+        reached = await connector.connect_direct()  # the runner serves it inside
+        assert reached is not None
+        reached.close()
+        direct = f"{RUNNER_SOCKET}.direct"
+        swap = f"mv {direct} {direct}.real && ln -s {base}/decoy.sock {direct}"
+        swapped = await sandbox.client.run(RunSpec(argv=("sh", "-c", swap)))
+        assert swapped.ok, swapped.stderr
+        with pytest.raises(runner_errors.PermissionDenied, match="replaced its runner's socket"):
+            await sandbox.client.run(RunSpec(argv=("true",)))
+    decoy.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        decoy.accept()
+    decoy.close()

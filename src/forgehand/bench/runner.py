@@ -1,15 +1,18 @@
 """``forgehand bench runner --json``: the runner against host baselines, side by side.
 
 - exec_rtt_ms: a no-op command (`true`) started and awaited through the runner (over its
-  unix socket, and over the stdio proxy as an exec channel would) vs
-  ``asyncio.create_subprocess_exec`` on the host, all in one run, in turns (one call of
-  each per round, so load from elsewhere on the machine falls on all alike);
-  exec_p50_x_host is each runner p50 over the host's.
-- stream_mb_s: 256 MiB of stdout through the runner (journal included) vs a local pipe,
-  in turns, three times each (medians).
-- reconnect: 100 forced disconnects during a 64 MiB output run, through a relay whose
-  connections are cut; bytes lost and duplicated are counted against the known output,
-  and resume time is from the cut to the next event delivered.
+  unix socket: ``runner_unix`` attaches over the direct channel, as a client does by
+  default, ``runner_unix_grpc`` over gRPC only; and over the stdio proxy as an exec
+  channel would) vs ``asyncio.create_subprocess_exec`` on the host, all in one run, in
+  turns (one call of each per round, so load from elsewhere on the machine falls on all
+  alike); exec_p50_x_host is each runner p50 over the host's.
+- stream_mb_s: 256 MiB of stdout through the runner (journal included; ``runner`` over
+  the direct channel, ``runner_grpc`` over gRPC) vs a local pipe, in turns, three times
+  each (medians).
+- reconnect: 100 forced disconnects during a 64 MiB output run, through relays whose
+  connections are cut (the attach over the direct channel; ``reconnect_grpc`` the same
+  over gRPC); bytes lost and duplicated are counted against the known output, and resume
+  time is from the cut to the next event delivered.
 
 The daemon runs as its own process (``forgehand-runner serve``), as it does in a sandbox.
 """
@@ -29,11 +32,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from forgehand.runner.client import RunnerClient
+from forgehand.runner.client import GrpcTransport, RunnerClient, UnixConnector
+from forgehand.runner.direct import direct_socket_path
 from forgehand.runner.keeper import stop_keeper
 from forgehand.runner.model import Exited, Output, RunSpec
 from forgehand.runner.tuning import tune_malloc
@@ -85,7 +90,12 @@ async def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 "exec_rtt_ms": rtt,
                 "exec_p50_x_host": versus_host(rtt),
                 "stream_mb_s": await stream(socket, args.stream_mib),
-                "reconnect": await reconnect(socket, base, args.reconnect_mib, args.disconnects),
+                "reconnect": await reconnect(
+                    socket, base, args.reconnect_mib, args.disconnects, direct=True
+                ),
+                "reconnect_grpc": await reconnect(
+                    socket, base, args.reconnect_mib, args.disconnects, direct=False
+                ),
                 "machine": machine(),
             }
     finally:
@@ -174,9 +184,14 @@ async def exec_rtt(socket: Path, runs: int) -> dict[str, dict[str, float]]:
         await process.wait()
 
     proxy = [sys.executable, "-m", "forgehand.runner.cli", "proxy", "--socket", str(socket)]
-    async with RunnerClient.unix(socket) as unix, RunnerClient.exec(proxy) as stdio:
+    async with (
+        RunnerClient.unix(socket) as unix,
+        grpc_only(socket) as unix_grpc,
+        RunnerClient.exec(proxy) as stdio,
+    ):
         calls: dict[str, Callable[[], Awaitable[object]]] = {
             "runner_unix": lambda: unix.run(spec),
+            "runner_unix_grpc": lambda: unix_grpc.run(spec),
             "runner_stdio_proxy": lambda: stdio.run(spec),
             "host_subprocess": host,
         }
@@ -187,22 +202,29 @@ async def exec_rtt(socket: Path, runs: int) -> dict[str, dict[str, float]]:
 def versus_host(rtt: dict[str, dict[str, float]]) -> dict[str, float]:
     """Each runner variant's exec p50 as a multiple of the host's (the target is <= 2)."""
     host = rtt["host_subprocess"]["p50"]
-    variants = ("runner_unix", "runner_stdio_proxy")
+    variants = ("runner_unix", "runner_unix_grpc", "runner_stdio_proxy")
     return {name: round(rtt[name]["p50"] / host, 2) if host else 0.0 for name in variants}
 
 
 async def stream(socket: Path, mib: int, rounds: int = STREAM_ROUNDS) -> dict[str, float]:
     """Runner and pipe in turns, ``rounds`` times each; the median of each."""
     argv = ("head", "-c", str(mib * MIB), "/dev/zero")
-    runner_s, pipe_s = [], []
-    async with RunnerClient.unix(socket) as client:
+    runner_s, grpc_s, pipe_s = [], [], []
+    async with RunnerClient.unix(socket) as client, grpc_only(socket) as over_grpc:
         for _ in range(rounds):
             runner_s.append(await _runner_seconds(client, argv, mib * MIB))
+            grpc_s.append(await _runner_seconds(over_grpc, argv, mib * MIB))
             pipe_s.append(await _pipe_seconds(argv))
-    return {
-        "runner": round(mib * MIB / statistics.median(runner_s) / 1e6, 1),
-        "pipe": round(mib * MIB / statistics.median(pipe_s) / 1e6, 1),
-    }
+
+    def rate(seconds: list[float]) -> float:
+        return round(mib * MIB / statistics.median(seconds) / 1e6, 1)
+
+    return {"runner": rate(runner_s), "runner_grpc": rate(grpc_s), "pipe": rate(pipe_s)}
+
+
+def grpc_only(socket: Path) -> RunnerClient:
+    """A client of the unix socket that attaches over gRPC, not the direct channel."""
+    return RunnerClient(GrpcTransport(UnixConnector(socket), use_direct=False))
 
 
 async def _runner_seconds(client: RunnerClient, argv: tuple[str, ...], size: int) -> float:
@@ -228,15 +250,32 @@ async def _pipe_seconds(argv: tuple[str, ...]) -> float:
     return time.perf_counter() - start
 
 
-async def reconnect(socket: Path, base: Path, mib: int, disconnects: int) -> dict[str, Any]:
+async def reconnect(
+    socket: Path, base: Path, mib: int, disconnects: int, direct: bool
+) -> dict[str, Any]:
+    """Cuts through relays of the gRPC socket and (``direct``) of the direct channel's,
+    which the client then attaches over."""
     blocks = mib * MIB // BLOCK
     spec = RunSpec(argv=("/usr/bin/python3", "-c", GENERATOR.format(blocks=blocks)))
     seen: dict[int, int] = {}
     cuts = 0
     every = max(1, blocks // (2 * disconnects))  # room for all cuts, one at a time
     _partial.clear()
-    relayed = base / "relay.sock"
-    async with relay_process(socket, relayed) as cut, RunnerClient.unix(relayed) as client:
+    relayed = base / f"relay-{uuid.uuid4().hex[:8]}.sock"
+    async with contextlib.AsyncExitStack() as stack:
+        cutters = [await stack.enter_async_context(relay_process(socket, relayed))]
+        if direct:
+            target, listen = direct_socket_path(socket), direct_socket_path(relayed)
+            assert target is not None
+            assert listen is not None
+            cutters.append(await stack.enter_async_context(relay_process(target, listen)))
+        over = RunnerClient.unix(relayed) if direct else grpc_only(relayed)
+        client = await stack.enter_async_context(over)
+
+        def cut() -> None:
+            for cutter in cutters:
+                cutter()
+
         run_id = await client.start(spec)
         received_blocks = 0
         async for event in client.attach(run_id):

@@ -4,9 +4,9 @@ Errors leave as status codes with a plain message: a ``RunnerError`` keeps its c
 message, anything else is logged here and sent as INTERNAL without details, so no Python
 traceback or class name crosses the wire.
 
-Attach responses are assembled from the journal's already-serialized events (the wire
-encoding of a repeated message field is its elements' bytes, each behind a tag and a
-length), so output bytes are never parsed and re-encoded on their way out.
+Attach responses are assembled by hand from the journal's serialized events
+(``forgehand.runner.wire``). A daemon on a unix socket also serves the direct attach
+channel beside it (``forgehand.runner.direct``).
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ from forgehand.runner import errors
 from forgehand.runner.auth import TokenInterceptor, server_credentials
 from forgehand.runner.config import RunnerConfig
 from forgehand.runner.core import AttachBatch, RunnerCore
+from forgehand.runner.direct import SUFFIX, direct_socket_path
+from forgehand.runner.direct_server import DirectListener
 from forgehand.runner.files import FileService
-from forgehand.runner.journal import Payload, varint
+from forgehand.runner.wire import encode_attach, encode_session, encode_session_error
 
 log = logging.getLogger(__name__)
 
@@ -38,38 +40,6 @@ GRACE_SECONDS = 5.0
 INTERNAL_MESSAGE = "internal runner error; see its log"
 SESSION_QUEUE = 16  # responses a session buffers before its attaches wait for the client
 T = TypeVar("T")
-
-
-def _attach_parts(batch: AttachBatch) -> list[Payload]:
-    parts: list[Payload] = []
-    for event in batch.events:
-        parts += (b"\x0a" + varint(len(event)), event)
-    if batch.handback:
-        parts.append(b"\x10\x01")
-    if batch.ended:
-        parts.append(b"\x18\x01")
-    return parts
-
-
-def encode_attach(batch: AttachBatch) -> bytes:
-    """The wire bytes of an AttachResponse holding the batch."""
-    return b"".join(_attach_parts(batch))
-
-
-def encode_session(tag: int, batch: AttachBatch) -> bytes:
-    """The wire bytes of a SessionResponse carrying the batch (done with the final one)."""
-    parts = _attach_parts(batch)
-    size = sum(len(part) for part in parts)
-    done = b"\x18\x01" if batch.final else b""
-    return b"".join([b"\x08", varint(tag), b"\x12", varint(size), *parts, done])
-
-
-def encode_session_error(tag: int, error: errors.RunnerError) -> bytes:
-    """The wire bytes of the SessionResponse that ends the attach under tag with an error."""
-    code: int = error.code.value[0]
-    message = str(error).encode()
-    head = [b"\x08", varint(tag), b"\x18\x01\x20", varint(code), b"\x2a"]
-    return b"".join([*head, varint(len(message)), message])
 
 
 async def _abort(
@@ -411,15 +381,33 @@ class RunnerServer:
         self.core = RunnerCore(config)
         self.tcp_port = 0
         self._server: grpc.aio.Server | None = None
+        self._direct: DirectListener | None = None
 
     async def __aenter__(self) -> RunnerServer:
         await self.core.__aenter__()
         try:
             await self._start_grpc()
+            await self._start_direct()
         except BaseException:
+            await self._stop()
             await self.core.__aexit__(None, None, None)
             raise
         return self
+
+    async def _start_direct(self) -> None:
+        """The direct attach channel beside the unix socket (not beside TCP: it has no
+        TLS or token, and a remote client gains nothing from it)."""
+        if self.unix_socket is None:
+            return
+        path = direct_socket_path(self.unix_socket)
+        if path is None:
+            log.warning(
+                "no direct attach channel: %s%s is too long a socket path", self.unix_socket, SUFFIX
+            )
+            return
+        listener = DirectListener(self.core, path, self.config.max_message_bytes)
+        await listener.start()
+        self._direct = listener
 
     async def _start_grpc(self) -> None:
         interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (
@@ -456,9 +444,16 @@ class RunnerServer:
         assert self._server is not None
         await self._server.wait_for_termination()
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def _stop(self) -> None:
+        if self._direct is not None:
+            await self._direct.close()
+            self._direct = None
         if self._server is not None:
             await self._server.stop(GRACE_SECONDS)
+            self._server = None
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._stop()
         await self.core.__aexit__(*exc_info)
         if self.unix_socket is not None:
             with contextlib.suppress(FileNotFoundError):

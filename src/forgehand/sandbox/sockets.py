@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import stat
 from pathlib import Path
 
 from forgehand.runner import errors as runner_errors
-from forgehand.runner.client.connectors import Dial
+from forgehand.runner.client.connectors import Dial, connect_unix
+from forgehand.runner.direct import direct_socket_path
 
 
 class PinnedSocketConnector:
@@ -30,6 +32,7 @@ class PinnedSocketConnector:
         self.path = path
         self.uid = uid
         self._fd = -1
+        self._direct = direct_socket_path(path)
 
     async def dial(self) -> Dial:
         fd = await asyncio.to_thread(pin_socket, self.path, self.uid)
@@ -40,6 +43,20 @@ class PinnedSocketConnector:
             if old >= 0:
                 os.close(old)
         return Dial(f"unix:/proc/self/fd/{self._fd}")
+
+    async def connect_direct(self) -> socket.socket | None:
+        """The daemon's direct attach channel, pinned the same way (a fresh pin per
+        connection: an open and an fstat, no thread). None when it is not there."""
+        if self._direct is None:
+            return None
+        try:
+            fd = pin_socket(self._direct, self.uid)
+        except runner_errors.Unavailable:
+            return None
+        try:
+            return await connect_unix(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
 
     async def close(self) -> None:
         fd, self._fd = self._fd, -1

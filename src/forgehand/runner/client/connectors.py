@@ -1,6 +1,7 @@
 """How a client reaches a runner. A connector yields what a gRPC channel needs to dial.
 
-- ``UnixConnector``: the runner's unix socket (the default; protected by its file mode).
+- ``UnixConnector``: the runner's unix socket (the default; protected by its file mode),
+  and the direct attach channel beside it (``forgehand.runner.direct``).
 - ``TlsConnector``: TCP with TLS and a bearer token.
 - ``ExecConnector``: the stdio of any command that ends in ``forgehand-runner proxy``
   (``ssh host forgehand-runner proxy …``, ``kubectl exec -i …``, ``podman exec -i …``).
@@ -13,15 +14,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import grpc
 
 from forgehand.runner.auth import channel_credentials
+from forgehand.runner.direct import direct_socket_path
 from forgehand.runner.pump import pump_both
 
 
@@ -38,12 +41,42 @@ class Connector(Protocol):
     async def close(self) -> None: ...
 
 
+@runtime_checkable
+class DirectConnector(Protocol):
+    """A connector that can also reach the daemon's direct attach channel."""
+
+    async def connect_direct(self) -> socket.socket | None:
+        """A connected non-blocking socket, or None when the daemon has no direct channel
+        (the caller then attaches over gRPC)."""
+        ...
+
+
+async def connect_unix(target: str) -> socket.socket | None:
+    """A non-blocking connection to the unix socket ``target``, or None if nothing listens
+    there."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, target)
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        return None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class UnixConnector:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).absolute()
+        self._direct = direct_socket_path(self.path)
 
     async def dial(self) -> Dial:
         return Dial(f"unix:{self.path}")
+
+    async def connect_direct(self) -> socket.socket | None:
+        return None if self._direct is None else await connect_unix(str(self._direct))
 
     async def close(self) -> None:
         return None

@@ -12,7 +12,8 @@ from grpc.aio import EOF  # type: ignore[attr-defined]
 
 from forgehand._proto.runner.v1 import runner_pb2 as pb
 from forgehand.runner import errors
-from forgehand.runner.client.connectors import Connector
+from forgehand.runner.client.connectors import Connector, DirectConnector
+from forgehand.runner.client.direct import direct_attach
 from forgehand.runner.client.transport import closing_stream
 
 SERVICE = "/forgehand.runner.v1.Runner/"
@@ -136,8 +137,10 @@ async def _get(queue: asyncio.Queue[T], remaining: float | None, deadline: float
 class GrpcTransport:
     """One gRPC channel to a runner; redialled on ``reconnect``."""
 
-    def __init__(self, connector: Connector) -> None:
+    def __init__(self, connector: Connector, use_direct: bool = True) -> None:
         self.connector = connector
+        self.use_direct = use_direct
+        """Attach over the direct channel where the connector offers it (off: always gRPC)."""
         self._channel: grpc.aio.Channel | None = None
         self._lock = asyncio.Lock()
         self._session: _SessionCall | None = None
@@ -203,25 +206,44 @@ class GrpcTransport:
         result: pb.StartResponse = await self._unary("Start", request, pb.StartResponse, deadline)
         return result
 
-    def attach(
+    async def attach(
         self, request: pb.AttachRequest, deadline: float | None
     ) -> AsyncIterator[pb.AttachResponse]:
-        return self._stream("Attach", request, pb.AttachResponse, deadline)
+        """Attach over the direct channel when the connector reaches one, else gRPC."""
+        responses = await self._direct(request, deadline)
+        if responses is None:
+            responses = self._stream("Attach", request, pb.AttachResponse, deadline)
+        async with closing_stream(responses):
+            async for response in responses:
+                yield response
 
     async def follow(
         self, request: pb.AttachRequest, deadline: float | None
     ) -> AsyncIterator[pb.AttachResponse]:
-        """Attach on the channel's Session call when the runner offers sessions (one
-        message instead of a new call), else with Attach."""
+        """Attach over the direct channel when the connector reaches one; else on the
+        channel's Session call when the runner offers sessions (one message instead of a
+        new call), else with Attach."""
         if deadline is not None and deadline <= 0:
             raise errors.DeadlineExceeded(f"no answer within {deadline}s")
-        session = await self._open_session(deadline)
-        responses = (
-            self.attach(request, deadline) if session is None else session.follow(request, deadline)
-        )
+        responses = await self._direct(request, deadline)
+        if responses is None:
+            session = await self._open_session(deadline)
+            responses = (
+                self._stream("Attach", request, pb.AttachResponse, deadline)
+                if session is None
+                else session.follow(request, deadline)
+            )
         async with closing_stream(responses):
             async for response in responses:
                 yield response
+
+    async def _direct(
+        self, request: pb.AttachRequest, deadline: float | None
+    ) -> AsyncIterator[pb.AttachResponse] | None:
+        if not self.use_direct or not isinstance(self.connector, DirectConnector):
+            return None
+        sock = await self.connector.connect_direct()
+        return None if sock is None else direct_attach(sock, request, deadline)
 
     async def _open_session(self, deadline: float | None) -> _SessionCall | None:
         if self._sessions_offered is None:

@@ -9,6 +9,11 @@ to configured roots. Every event of a run carries a sequence number; Attach repl
 journal after a given sequence number and then tails it, so a client that reconnects
 receives every event exactly once.
 
+Outside gRPC, a daemon on a unix socket PATH also serves attaches on PATH.direct (the
+direct attach channel): the client sends u32-le length + AttachRequest, the daemon
+answers with u32-le length + SessionResponse frames (tag 1), each with the meaning it
+has on Session. See forgehand/runner/direct.py.
+
 Change rules: fields are only ever added; a removed field's number is reserved; a
 behaviour change bumps the package version (forgehand.runner.v2). See docs/architecture.md.
 """

@@ -1,0 +1,173 @@
+"""The daemon's side of the direct attach channel (see ``forgehand.runner.direct``).
+
+One task accepts; each connection is a task that reads the request, then streams
+``RunnerCore.attach`` batches until the last one, the client hangs up, or the listener
+closes. Bad input gets a clear status in an error frame and the connection closed; no
+input from the socket can end the daemon or leak a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from forgehand._proto.runner.v1 import runner_pb2 as pb
+from forgehand.runner import errors
+from forgehand.runner.core import AttachBatch, RunnerCore
+from forgehand.runner.direct import FRAME, REQUEST_SECONDS, TAG, send_parts, settle
+from forgehand.runner.wire import session_error_parts, session_parts
+
+log = logging.getLogger(__name__)
+
+MAX_CONNECTIONS = 256
+INTERNAL_MESSAGE = "internal runner error; see its log"
+
+
+class DirectListener:
+    """Serves attaches on ``path`` until ``close``."""
+
+    def __init__(self, core: RunnerCore, path: Path, max_request_bytes: int) -> None:
+        self.core = core
+        self.path = path
+        self.max_request_bytes = max_request_bytes
+        self._sock: socket.socket | None = None
+        self._acceptor: asyncio.Task[None] | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)  # created 0600, as the gRPC socket: only our user connects
+        try:
+            sock.bind(str(self.path))
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            os.umask(old)
+        sock.listen(128)
+        sock.setblocking(False)
+        self._sock = sock
+        self._acceptor = asyncio.create_task(self._accept(sock))
+
+    async def close(self) -> None:
+        tasks = [task for task in (self._acceptor, *self._connections) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # EMFILE and the like: the next accept may succeed
+                log.warning("direct attach: accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            conn.setblocking(False)
+            task = asyncio.create_task(self._serve(conn))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        try:
+            if len(self._connections) > MAX_CONNECTIONS:
+                raise errors.ResourceExhausted(
+                    f"more than {MAX_CONNECTIONS} direct attaches are open: close some, "
+                    "or attach over gRPC"
+                )
+            request = await self._read_request(conn)
+            await self._until_hangup(conn, self._stream(conn, request))
+        except errors.RunnerError as exc:
+            with contextlib.suppress(OSError):
+                await _send_frame(conn, session_error_parts(TAG, exc))
+        except OSError:
+            pass  # the client went away; the run goes on
+        except Exception as exc:
+            log.error("internal error in a direct attach", exc_info=exc)
+            with contextlib.suppress(OSError):
+                await _send_frame(conn, session_error_parts(TAG, errors.Internal(INTERNAL_MESSAGE)))
+        finally:
+            conn.close()
+
+    async def _read_request(self, conn: socket.socket) -> pb.AttachRequest:
+        try:
+            async with asyncio.timeout(REQUEST_SECONDS):
+                (size,) = FRAME.unpack(await _receive(conn, FRAME.size))
+                if size > self.max_request_bytes:
+                    raise errors.InvalidArgument(
+                        f"the attach request is {size} bytes; the limit is {self.max_request_bytes}"
+                    )
+                data = await _receive(conn, size)
+        except TimeoutError:
+            raise errors.InvalidArgument(
+                f"no whole attach request within {REQUEST_SECONDS:g}s"
+            ) from None
+        try:
+            return pb.AttachRequest.FromString(data)
+        except DecodeError:
+            raise errors.InvalidArgument("the attach request is not an AttachRequest") from None
+
+    async def _stream(self, conn: socket.socket, request: pb.AttachRequest) -> None:
+        if request.HasField("start"):
+            await self.core.start_for_attach(request)
+        batches = self.core.attach(
+            request.run_id, request.after_seq, request.wait_seconds, request.max_batch_bytes
+        )
+        final = False
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                final = batch.final
+                await _send_frame(conn, session_parts(TAG, batch))
+        if not final:
+            await _send_frame(conn, session_parts(TAG, AttachBatch([], final=True)))
+
+    @staticmethod
+    async def _until_hangup(conn: socket.socket, streaming: Coroutine[Any, Any, None]) -> None:
+        """Run the stream until it ends, or until the client closes its side (or sends
+        anything: a protocol violation), which ends the attach at once even while the
+        run is quiet."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.create_task(streaming)
+        hangup: asyncio.Future[None] = loop.create_future()
+        fd = conn.fileno()
+        loop.add_reader(fd, settle, hangup)
+        try:
+            await asyncio.wait((task, hangup), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            loop.remove_reader(fd)
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task  # its error, if it failed, is the attach's
+
+
+async def _receive(conn: socket.socket, size: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    while len(data) < size:
+        chunk = await loop.sock_recv(conn, size - len(data))
+        if not chunk:
+            raise errors.InvalidArgument("the connection closed inside the attach request")
+        data += chunk
+    return bytes(data)
+
+
+async def _send_frame(conn: socket.socket, parts: list[bytes | memoryview]) -> None:
+    size = sum(len(part) for part in parts)
+    await send_parts(conn, [FRAME.pack(size), *parts])
