@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -17,8 +18,9 @@ from conftest import make_config
 from forgehand.runner import errors
 from forgehand.runner.client import LocalTransport, RunnerClient
 from forgehand.runner.core import RunnerCore
+from forgehand.runner.journal import HEADER, LENGTH_BITS, MAX_RECORD_BYTES, list_segments
 from forgehand.runner.keeper import keeper_pid
-from forgehand.runner.model import Exited, ExitReason, Output, RunSpec, Started
+from forgehand.runner.model import Exited, ExitReason, Output, RunSpec, Started, Stream
 
 COUNTER = (
     "import sys, time\n"
@@ -83,6 +85,38 @@ async def daemon(short_tmp: Path) -> AsyncIterator[Daemon]:
 
 def keeper_of(base: Path) -> int:
     return keeper_pid(base / "state")
+
+
+def random_output(size: int, pause: float = 0.0, max_output_bytes: int = 0) -> RunSpec:
+    """A run that writes ``size`` reproducible random bytes (NULs among them) to stdout,
+    256 KiB at a time; ``expected(size)`` is what it writes."""
+    script = (
+        "import random, sys, time\n"
+        f"data = random.Random(7).randbytes({size})\n"
+        f"for i in range(0, {size}, 1 << 18):\n"
+        "    sys.stdout.buffer.write(data[i : i + (1 << 18)]); sys.stdout.flush()\n"
+        f"    time.sleep({pause})\n"
+    )
+    return RunSpec(argv=(sys.executable, "-c", script), max_output_bytes=max_output_bytes)
+
+
+def expected(size: int) -> bytes:
+    return random.Random(7).randbytes(size)
+
+
+def spliced_records(journal: Path) -> int:
+    """Output records whose checksum covers only the prefix: their data was spliced, never
+    read by the keeper (one it read covers its first 63 payload bytes)."""
+    count = 0
+    for _first, path in list_segments(journal):
+        data = path.read_bytes()
+        offset = 0
+        while offset + HEADER.size <= len(data):
+            word = HEADER.unpack_from(data, offset)[0]
+            length, covered = word & MAX_RECORD_BYTES, word >> LENGTH_BITS
+            count += 0 < covered < min(63, length)
+            offset += HEADER.size + length
+    return count
 
 
 async def test_kill_9_daemon_mid_run_loses_nothing(daemon: Daemon) -> None:
@@ -195,3 +229,102 @@ async def test_total_journal_cap_prunes_oldest_finished_runs(short_tmp: Path) ->
         assert "big-5" in remaining
         assert "big-0" not in remaining
         assert sum(r.journal_bytes for r in await client.list_runs()) <= 1024 * 1024 + 300_000
+
+
+async def test_spliced_output_is_exact_across_the_output_limit(short_tmp: Path) -> None:
+    size, limit = 4 << 20, (5 << 19) + 123  # the keeper splices at least twice, then cuts
+    async with RunnerCore(make_config(short_tmp)) as core:
+        client = RunnerClient(LocalTransport(core))
+        run_id = await client.start(random_output(size, max_output_bytes=limit))
+        events = [e async for e in client.attach(run_id)]
+        journal = core.runs_dir / run_id / "journal"
+        assert spliced_records(journal) >= 2
+    outputs = [e for e in events if isinstance(e, Output)]
+    assert b"".join(o.data for o in outputs) == expected(size)[:limit]
+    assert {o.stream for o in outputs} == {Stream.STDOUT}
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    final = events[-1]
+    assert isinstance(final, Exited)
+    assert final.reason is ExitReason.LIMIT
+
+
+async def test_empty_output_and_both_pipes_spliced(short_tmp: Path) -> None:
+    async with RunnerCore(make_config(short_tmp)) as core:
+        client = RunnerClient(LocalTransport(core))
+        run_id = await client.start(RunSpec(argv=("true",)))
+        events = [e async for e in client.attach(run_id)]
+        assert [type(e) for e in events] == [Started, Exited]
+        script = "printf 'o\\000u\\000t'; printf 'e\\000r\\000r' >&2"
+        result = await client.run(RunSpec(argv=("sh", "-c", script)))
+        assert result.stdout == b"o\0u\0t"
+        assert result.stderr == b"e\0r\0r"
+        assert spliced_records(core.runs_dir / result.run_id / "journal") == 2
+
+
+async def test_spliced_output_survives_daemon_restarts_byte_exact(daemon: Daemon) -> None:
+    size = 6 << 20
+    seen: list[Output] = []
+    last_seq = 0
+    async with RunnerClient.unix(daemon.socket) as client:
+        run_id = await client.start(random_output(size, pause=0.01), run_id="binary")
+        async for event in client.attach(run_id):
+            last_seq = event.seq
+            if isinstance(event, Output):
+                seen.append(event)
+            if sum(len(o.data) for o in seen) >= 1 << 20:
+                break
+    daemon.kill()
+    await daemon.start()
+    async with RunnerClient.unix(daemon.socket) as client:
+        rest = [e async for e in client.attach(run_id, after_seq=last_seq)]
+    outputs = seen + [e for e in rest if isinstance(e, Output)]
+    assert b"".join(o.data for o in outputs) == expected(size)
+    seqs = [e.seq for e in outputs]
+    assert seqs == sorted(set(seqs))
+    assert isinstance(rest[-1], Exited)
+    assert rest[-1].reason is ExitReason.EXITED
+    # Ended before this daemon started: its journal is read with checksums verified.
+    daemon.kill()
+    await daemon.start()
+    async with RunnerClient.unix(daemon.socket) as client:
+        result = await client.collect(run_id)
+    assert result.stdout == expected(size)
+    assert spliced_records(daemon.base / "state" / "runs" / run_id / "journal") > 0
+
+
+ENDLESS = (
+    "import random, sys\n"
+    "rng = random.Random(7)\n"
+    "while True:\n"
+    "    sys.stdout.buffer.write(rng.randbytes(1 << 18)); sys.stdout.flush()\n"
+)
+
+
+def endless_expected(size: int) -> bytes:
+    """The first ``size`` bytes that ENDLESS writes."""
+    rng = random.Random(7)
+    return b"".join(rng.randbytes(1 << 18) for _ in range(size // (1 << 18) + 1))[:size]
+
+
+async def test_keeper_killed_mid_stream_leaves_an_exact_prefix_then_lost(daemon: Daemon) -> None:
+    events: list[Exited | Output] = []
+    async with RunnerClient.unix(daemon.socket) as client:
+        run_id = await client.start(RunSpec(argv=(sys.executable, "-c", ENDLESS)))
+        async for event in client.attach(run_id):
+            if isinstance(event, Output | Exited):
+                events.append(event)
+            if sum(len(e.data) for e in events if isinstance(e, Output)) >= 4 << 20:
+                os.kill(keeper_of(daemon.base), signal.SIGKILL)
+                break
+        last_seq = events[-1].seq
+        events += [e async for e in client.attach(run_id, after_seq=last_seq)]  # type: ignore[misc]
+    outputs = [e for e in events if isinstance(e, Output)]
+    assert {o.stream for o in outputs} == {Stream.STDOUT}
+    data = b"".join(o.data for o in outputs)
+    assert len(data) >= 4 << 20
+    assert data == endless_expected(len(data))
+    seqs = [e.seq for e in events]
+    assert seqs == sorted(set(seqs))
+    final = events[-1]
+    assert isinstance(final, Exited)
+    assert final.reason is ExitReason.LOST

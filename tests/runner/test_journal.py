@@ -1,18 +1,34 @@
-"""The journal on its own: records, bounding with head and tail kept, readers, exit record."""
+"""The journal on its own: records, bounding with head and tail kept, readers, exit record,
+spliced output, torn tails."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
+import random
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from forgehand._proto.runner.v1 import runner_pb2 as pb
 from forgehand.runner.journal import (
+    HEADER,
+    LENGTH_BITS,
+    MAX_RECORD_BYTES,
     JournalReader,
     JournalWriter,
     list_segments,
+    parse_event,
     read_exit_record,
     write_lost_exit,
 )
+from forgehand.runner.keeper import F_SETPIPE_SZ, PIPE_BYTES
+
+STDOUT = pb.STREAM_STDOUT
+STDERR = pb.STREAM_STDERR
 
 
 def output(data: bytes) -> pb.Event:
@@ -29,12 +45,12 @@ def exited(code: int) -> pb.Event:
     return event
 
 
-def read_all(directory: Path, after: int = 0) -> list[pb.Event]:
+def read_all(directory: Path, after: int = 0, verify: bool = True) -> list[pb.Event]:
     reader = JournalReader(directory, after)
     events: list[pb.Event] = []
     try:
-        while batch := reader.read(1 << 20):
-            events.extend(pb.Event.FromString(payload) for _seq, payload in batch)
+        while batch := reader.read(1 << 20, verify=verify):
+            events.extend(parse_event(payload) for _seq, payload in batch)
     finally:
         reader.close()
     return events
@@ -158,3 +174,184 @@ def test_lost_exit_is_recorded(tmp_path: Path) -> None:
     record = read_exit_record(tmp_path)
     assert record is not None
     assert record.exited.message == "keeper died"
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    """A real pipe, as large as the keeper makes its output pipes."""
+    r, w = os.pipe()
+    fcntl.fcntl(r, F_SETPIPE_SZ, PIPE_BYTES)
+    os.set_blocking(r, False)
+    yield r, w
+    for fd in (r, w):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def headers(directory: Path) -> list[tuple[int, int, int]]:
+    """(length, P, seq) of every record in the journal's segments, walked on disk."""
+    found = []
+    for _first, path in list_segments(directory):
+        data = path.read_bytes()
+        offset = 0
+        while offset + HEADER.size <= len(data):
+            word, _crc, seq = HEADER.unpack_from(data, offset)
+            length = word & MAX_RECORD_BYTES
+            found.append((length, word >> LENGTH_BITS, seq))
+            offset += HEADER.size + length
+    return found
+
+
+def splice(writer: JournalWriter, pipe: tuple[int, int], data: bytes, stream: int = STDOUT) -> int:
+    os.write(pipe[1], data)
+    return writer.splice_output(stream, pipe[0], len(data))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_spliced_and_read_output_come_back_byte_exact(
+    tmp_path: Path, pipe: tuple[int, int], verify: bool
+) -> None:
+    rng = random.Random(7)
+    chunks = [rng.randbytes(n) for n in (1, 62, 63, 64, 1000, 65536, 1 << 20)]
+    chunks.append(b"\x00" * 5000)
+    writer = JournalWriter(tmp_path, max_bytes=64 << 20, segment_bytes=256 * 1024)
+    writer.append(pb.Event(started=pb.Started(pid=1)))
+    for i, chunk in enumerate(chunks):
+        if i % 2:
+            writer.append_output(STDERR, chunk)
+        else:
+            splice(writer, pipe, chunk, STDERR)
+    writer.write_exit(exited(0))
+    writer.close()
+    events = read_all(tmp_path, verify=verify)
+    assert [e.seq for e in events] == list(range(1, len(chunks) + 3))
+    outputs = [e.output for e in events if e.HasField("output")]
+    assert [o.data for o in outputs] == chunks
+    assert {o.stream for o in outputs} == {STDERR}
+    assert events[-1].exited.code == 0
+    assert len(list_segments(tmp_path)) > 1
+
+
+def test_output_checksums_cover_the_prefix_and_the_rest_cover_everything(
+    tmp_path: Path, pipe: tuple[int, int]
+) -> None:
+    writer = JournalWriter(tmp_path, max_bytes=1 << 20)
+    writer.append(pb.Event(started=pb.Started(pid=1)))
+    writer.append_output(STDOUT, b"r" * 1000)
+    splice(writer, pipe, b"s" * 1000)
+    writer.close()
+    (_, started_p, _), (read_len, read_p, _), (spliced_len, spliced_p, _) = headers(tmp_path)
+    assert started_p == 0  # all of it
+    assert read_p == 63  # the prefix and the first data bytes the keeper had in hand
+    prefix = spliced_len - 1000
+    assert spliced_p == prefix  # the prefix alone: the data never was in the keeper
+    assert read_len == spliced_len
+
+
+def damage(directory: Path, record: int, offset_in_payload: int) -> None:
+    """Flip one byte of a record's payload on disk."""
+    path = list_segments(directory)[-1][1]
+    data = bytearray(path.read_bytes())
+    pos = 0
+    for _ in range(record):
+        pos += HEADER.size + (HEADER.unpack_from(data, pos)[0] & MAX_RECORD_BYTES)
+    data[pos + HEADER.size + offset_in_payload] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_verifying_reader_stops_at_a_damaged_prefix(tmp_path: Path, pipe: tuple[int, int]) -> None:
+    writer = JournalWriter(tmp_path, max_bytes=1 << 20)
+    splice(writer, pipe, b"first")
+    splice(writer, pipe, b"second")
+    writer.close()
+    damage(tmp_path, record=1, offset_in_payload=3)
+    assert [e.output.data for e in read_all(tmp_path)] == [b"first"]
+    reader = JournalReader(tmp_path, 0)
+    assert [seq for seq, _payload in reader.read(1 << 20, verify=False)] == [1, 2]
+    reader.close()
+
+
+def test_full_checksums_still_cover_every_byte(tmp_path: Path) -> None:
+    writer = JournalWriter(tmp_path, max_bytes=1 << 20)
+    writer.append(output(b"a" * 500))  # encoded by protobuf: P = 0, the older format
+    writer.append(output(b"b" * 500))
+    writer.close()
+    assert [p for _length, p, _seq in headers(tmp_path)] == [0, 0]
+    damage(tmp_path, record=1, offset_in_payload=400)
+    assert [e.output.data for e in read_all(tmp_path)] == [b"a" * 500]
+
+
+def test_a_short_splice_is_cut_back_and_reported_as_a_full_disk(
+    tmp_path: Path, pipe: tuple[int, int]
+) -> None:
+    writer = JournalWriter(tmp_path, max_bytes=1 << 20)
+    splice(writer, pipe, b"before")
+    os.write(pipe[1], b"only 12 byte")
+    os.close(pipe[1])  # the pipe ends before the 1000 bytes the record was sized for
+    with pytest.raises(OSError, match="disk is full") as raised:
+        writer.splice_output(STDOUT, pipe[0], 1000)
+    assert raised.value.errno == errno.ENOSPC
+    writer.append_output(STDOUT, b"after")
+    writer.close()
+    for verify in (True, False):
+        events = read_all(tmp_path, verify=verify)
+        assert [(e.seq, e.output.data) for e in events] == [(1, b"before"), (2, b"after")]
+
+
+def test_a_source_that_cannot_be_spliced_takes_nothing(tmp_path: Path) -> None:
+    writer = JournalWriter(tmp_path, max_bytes=1 << 20)
+    writer.append_output(STDOUT, b"before")
+    source = tmp_path / "not-a-pipe"
+    source.write_bytes(b"x" * 100)
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError, match="Invalid argument") as raised:
+            writer.splice_output(STDOUT, fd, 100)
+        assert raised.value.errno == errno.EINVAL
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 0
+    finally:
+        os.close(fd)
+    writer.append_output(STDOUT, b"after")
+    writer.close()
+    events = read_all(tmp_path)
+    assert [(e.seq, e.output.data) for e in events] == [(1, b"before"), (2, b"after")]
+
+
+@pytest.mark.parametrize("verify", [True, False])
+@pytest.mark.parametrize("cut", ["in-header", "header-only", "in-prefix", "half-payload"])
+@pytest.mark.parametrize("spliced", [True, False], ids=["spliced", "read"])
+def test_lost_exit_cuts_a_torn_tail_first(
+    tmp_path: Path, pipe: tuple[int, int], verify: bool, cut: str, spliced: bool
+) -> None:
+    writer = JournalWriter(tmp_path, max_bytes=1 << 20)
+    writer.append(pb.Event(started=pb.Started(pid=1)))
+    writer.append_output(STDOUT, b"whole one")
+    splice(writer, pipe, b"whole \x00 two")
+    whole = os.path.getsize(list_segments(tmp_path)[-1][1])
+    if spliced:  # the record a keeper was writing when it died
+        splice(writer, pipe, b"t" * 4000)
+    else:
+        writer.append_output(STDOUT, b"t" * 4000)
+    writer.close()
+    os.unlink(tmp_path / "exit.rec")
+    torn_at = {"in-header": 7, "header-only": 16, "in-prefix": 20, "half-payload": 2000}[cut]
+    os.truncate(list_segments(tmp_path)[-1][1], whole + torn_at)
+
+    write_lost_exit(tmp_path, 4, "keeper died")
+
+    events = read_all(tmp_path, verify=verify)
+    assert [e.seq for e in events] == [1, 2, 3, 4]
+    assert [e.output.data for e in events[1:3]] == [b"whole one", b"whole \x00 two"]
+    assert events[3].exited.reason == pb.EXIT_REASON_LOST
+    assert read_all(tmp_path, after=2, verify=verify)[-1].seq == 4
+
+
+def test_lost_exit_keeps_a_journal_of_whole_records_whole(tmp_path: Path) -> None:
+    writer = JournalWriter(tmp_path, max_bytes=1 << 20)
+    writer.append_output(STDOUT, b"")
+    writer.append_output(STDOUT, b"last")
+    writer.close()
+    write_lost_exit(tmp_path, 3, "keeper died")
+    events = read_all(tmp_path)
+    assert [(e.seq, e.output.data) for e in events[:2]] == [(1, b""), (2, b"last")]
+    assert events[2].exited.reason == pb.EXIT_REASON_LOST

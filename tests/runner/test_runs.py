@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import make_config
 
+from forgehand._proto.runner.v1 import runner_pb2 as pb
 from forgehand.runner import errors
 from forgehand.runner.client import RunnerClient
 from forgehand.runner.model import (
@@ -376,3 +377,13 @@ async def test_oversized_request_is_invalid_argument(server: object, short_tmp: 
             await transport.start(request, 30)
     finally:
         await transport.close()
+
+
+async def test_an_attach_that_cannot_be_followed_starts_nothing(client: RunnerClient) -> None:
+    request = pb.AttachRequest(run_id="never-started", wait_seconds=-1.0)
+    request.start.CopyFrom(sh("echo no").to_proto("never-started"))
+    with pytest.raises(errors.InvalidArgument, match="wait_seconds"):
+        async for _ in client.transport.attach(request, 30):
+            pass
+    with pytest.raises(errors.NotFound):
+        await client.status("never-started")

@@ -235,7 +235,9 @@ class RunnerCore:
         return run.run_id, True
 
     async def start_for_attach(self, request: pb.AttachRequest) -> None:
-        """The start carried by an Attach (start-and-follow in one call)."""
+        """The start carried by an Attach (start-and-follow in one call). The attach is
+        checked whole first: a request that cannot be followed starts nothing."""
+        _check_wait(request.wait_seconds)
         if request.start.run_id != request.run_id:
             raise errors.InvalidArgument("attach: start.run_id must equal run_id")
         start = pb.StartRequest()
@@ -392,8 +394,7 @@ class RunnerCore:
         self, run_id: str, after_seq: int, wait_seconds: float, max_batch_bytes: int = 0
     ) -> AsyncGenerator[AttachBatch, None]:
         """Replay and tail a run's events after ``after_seq``."""
-        if not math.isfinite(wait_seconds) or wait_seconds < 0:
-            raise errors.InvalidArgument("wait_seconds must be a finite number >= 0")
+        _check_wait(wait_seconds)
         run = self._get(run_id)
         budget = min(max_batch_bytes or self.config.attach_batch_bytes, self._batch_cap())
         loop = asyncio.get_running_loop()
@@ -599,6 +600,11 @@ def _last_seq(journal: Path) -> int:
     finally:
         reader.close()
     return reader.last_seq
+
+
+def _check_wait(wait_seconds: float) -> None:
+    if not math.isfinite(wait_seconds) or wait_seconds < 0:
+        raise errors.InvalidArgument("wait_seconds must be a finite number >= 0")
 
 
 def validate_start(request: pb.StartRequest) -> None:

@@ -7,13 +7,27 @@ Layout of a journal directory::
     truncations.bin                 (first_seq, last_seq, bytes) of every dropped range
     exit.rec                        the Exited record, in space reserved when the run began
 
-A record is ``u32 length | u32 crc32(payload) | u64 seq | payload`` where the payload is a
-serialized ``forgehand.runner.v1.Event``. One process (the run's supervisor) writes; any
-number of readers follow. A segment is final once a later one exists, so a reader that
-reached the end of a segment and sees a successor re-reads the tail once, then moves on.
-The writer appends whole records only (a short write is cut off again), so a reader
-checks a record's checksum only where a crash may have left a torn one (see
-``JournalReader.read``).
+A record is ``u32 word | u32 crc32 | u64 seq | payload`` where the payload is a serialized
+``forgehand.runner.v1.Event``. The word holds the payload's length in its low 26 bits and,
+in its top 6 bits, P: how much of the payload the checksum covers.
+
+- P = 0 (every record but output; all records of older journals): the crc covers the whole
+  payload.
+- P > 0 (output records): the crc covers the header's word and seq and then the payload's
+  first P bytes: the Event's hand-encoded prefix (seq, time, stream, lengths), plus the
+  first data bytes where the keeper had them in hand. Output is the bulk of a journal and
+  checksumming every byte of it cost a fifth of the keeper's CPU; a pipe's output is moved
+  into the journal with ``splice`` and never reaches the keeper's memory at all.
+
+One process (the keeper) writes; any number of readers follow. A segment is final once a
+later one exists, so a reader that reached the end of a segment and sees a successor
+re-reads the tail once, then moves on. The writer appends whole records only (a short
+write is cut off again), and a record is whole once the bytes its header announces are in
+the file: readers check checksums only where a crash may have left damage (see
+``JournalReader.read``). A keeper that dies mid-record leaves a torn tail;
+``write_lost_exit`` cuts it off before it appends the lost exit, so no reader has to tell
+a torn record from the next one by its checksum (which, for output, does not cover the
+data).
 
 Bounding: the writer starts a new segment every ``segment_bytes``. When the journal exceeds
 ``max_bytes``, whole segments from the middle are deleted (the head segments written while
@@ -23,7 +37,8 @@ is appended to ``truncations.bin``. A reader that crosses a gap yields one synth
 nothing is delivered twice. A reader already inside a segment keeps its open file and sees
 it whole even if the writer deletes it.
 
-Durability (the fsync policy): records are written with one ``write`` each and are not
+Durability (the fsync policy): records are written with one ``pwritev`` (or a ``pwrite``
+of header and prefix followed by a ``splice`` of the data) each and are not
 fsynced one by one; the page cache survives a crash of the daemon or of the keeper, which
 is what the protocol promises. The writer fsyncs the exit record and the last segment when
 the run has ended, after the daemon has been told (so fsync latency is not on the path of
@@ -45,14 +60,17 @@ from pathlib import Path
 
 from forgehand._proto.runner.v1 import runner_pb2 as pb
 
-HEADER = struct.Struct("<IIQ")
+HEADER = struct.Struct("<IIQ")  # word (length | P << LENGTH_BITS), crc32, seq
+WORD_SEQ = struct.Struct("<IQ")  # what a P > 0 checksum covers of the header
 TRUNCATION = struct.Struct("<QQQ")
 SEGMENT_PREFIX = "seg-"
 SEGMENT_SUFFIX = ".log"
 EXIT_FILE = "exit.rec"
 TRUNCATIONS_FILE = "truncations.bin"
 EXIT_RESERVE_BYTES = 4096
-MAX_RECORD_BYTES = 64 * 1024 * 1024
+LENGTH_BITS = 26
+MAX_RECORD_BYTES = (1 << LENGTH_BITS) - 1  # 64 MiB; the top 6 bits of the word hold P
+MAX_PREFIX_CRC = (1 << (32 - LENGTH_BITS)) - 1  # the largest P: 63 bytes
 MAX_SEGMENT_BYTES = 4 * 1024 * 1024
 MIN_READ_BYTES = 64 * 1024
 SMALL_READ_BYTES = 256 * 1024  # a read of many small records; a large one is read alone
@@ -98,7 +116,41 @@ def varint(value: int) -> bytes:
 
 
 def encode_record(seq: int, payload: bytes) -> bytes:
+    """A record whose checksum covers its whole payload (P = 0)."""
+    _check_length(len(payload))
     return HEADER.pack(len(payload), zlib.crc32(payload), seq) + payload
+
+
+def _check_length(length: int) -> None:
+    if length > MAX_RECORD_BYTES:
+        raise OSError(errno.EFBIG, f"a journal record holds at most {MAX_RECORD_BYTES} bytes")
+
+
+def _output_prefix(seq: int, stream: int, size: int) -> bytes:
+    """The serialized Output Event of ``size`` bytes of data, up to where the data begins."""
+    output = b"\x08" + varint(stream) + b"\x12" + varint(size)
+    head = [b"\x08", varint(seq), b"\x10", varint(time.time_ns()), b"\x22"]
+    return b"".join([*head, varint(len(output) + size), output])
+
+
+def _output_header(seq: int, prefix: bytes, size: int, data_head: bytes = b"") -> bytes:
+    """Header and prefix of an output record of ``size`` data bytes. Its checksum covers
+    the header's word and seq, the prefix and ``data_head`` (the data's first bytes, if the
+    caller has them), which make P."""
+    length = len(prefix) + size
+    _check_length(length)
+    covered = len(prefix) + len(data_head)
+    word = length | covered << LENGTH_BITS
+    crc = zlib.crc32(data_head, zlib.crc32(prefix, zlib.crc32(WORD_SEQ.pack(word, seq))))
+    return HEADER.pack(word, crc, seq) + prefix
+
+
+def _checksum(word: int, seq: int, payload: Payload) -> int:
+    """The crc32 a record with this header word, seq and payload must carry."""
+    covered = word >> LENGTH_BITS
+    if not covered:
+        return zlib.crc32(payload)
+    return zlib.crc32(payload[:covered], zlib.crc32(WORD_SEQ.pack(word, seq)))
 
 
 def journal_bytes(directory: Path) -> int:
@@ -152,10 +204,13 @@ class JournalWriter:
 
     def _open_segment(self, first_seq: int) -> None:
         path = os.path.join(self._dir, segment_name(first_seq))
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-        self._fd = os.open(path, flags, 0o600)
         head = self.total_bytes < self.max_bytes // 2
-        self._segments.append(_Segment(first_seq, path, head=head))
+        # Not O_APPEND: splice refuses such a target. Records go at explicit offsets, the
+        # segment's size, which only this writer changes.
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        size = os.fstat(self._fd).st_size
+        self.total_bytes += size
+        self._segments.append(_Segment(first_seq, path, size=size, head=head))
 
     def append(self, event: pb.Event) -> int:
         """Assign the next seq and time to the event, append it, return the seq.
@@ -177,22 +232,61 @@ class JournalWriter:
         """``append`` of an Output event, encoded here rather than by protobuf: the data is
         not copied into a message, a serialization and a record, only into the file."""
         seq = self.next_seq
-        output = b"\x08" + varint(stream) + b"\x12" + varint(len(data))
-        head = [b"\x08", varint(seq), b"\x10", varint(time.time_ns()), b"\x22"]
-        prefix = b"".join([*head, varint(len(output) + len(data)), output])
-        length = len(prefix) + len(data)
-        header = HEADER.pack(length, zlib.crc32(data, zlib.crc32(prefix)), seq)
-        self._write_whole([header + prefix, data], HEADER.size + length)
+        prefix = _output_prefix(seq, stream, len(data))
+        head = _output_header(seq, prefix, len(data), data[: MAX_PREFIX_CRC - len(prefix)])
+        self._write_whole([head, data], len(head) + len(data))
         self.next_seq = seq + 1
-        self._account(HEADER.size + length, seq, len(data))
+        self._account(len(head) + len(data), seq, len(data))
         return seq
+
+    def splice_output(self, stream: int, pipe: int, size: int) -> int:
+        """``append_output`` of the next ``size`` bytes of a pipe, which holds at least that
+        many: header and prefix are written, then the data is moved with ``splice`` and
+        never enters this process.
+
+        Raises OSError: ENOSPC as ``append_output`` does (also for a short splice: what
+        it took from the pipe is lost); EINVAL or ENOSYS when the journal's file system
+        cannot splice, and then nothing was taken from the pipe.
+        """
+        seq = self.next_seq
+        head = _output_header(seq, _output_prefix(seq, stream, size), size)
+        start = self._segments[-1].size
+        end = start + len(head) + size
+        try:
+            if os.pwrite(self._fd, head, start) != len(head):
+                raise OSError(errno.ENOSPC, "the journal's disk is full")
+            self._splice_all(pipe, start + len(head), end)
+        except OSError:
+            os.ftruncate(self._fd, start)
+            raise
+        self.next_seq = seq + 1
+        self._account(end - start, seq, size)
+        return seq
+
+    def _splice_all(self, pipe: int, offset: int, end: int) -> None:
+        """Move end - offset bytes from the pipe to the segment at offset. The first
+        splice's error goes up as it is (nothing was taken); a short one is ENOSPC."""
+        moved = self._splice(pipe, offset, end)
+        while moved > 0 and offset + moved < end:
+            offset += moved
+            try:
+                moved = self._splice(pipe, offset, end)
+            except OSError:
+                moved = 0
+        if offset + moved < end:
+            raise OSError(errno.ENOSPC, "the journal's disk is full")
+
+    def _splice(self, pipe: int, offset: int, end: int) -> int:
+        flags = os.SPLICE_F_NONBLOCK  # the pipe holds the data; never wait for more
+        return os.splice(pipe, self._fd, end - offset, offset_dst=offset, flags=flags)
 
     def _write_whole(self, parts: list[bytes], size: int) -> None:
         """Append one record, or nothing: a short write (a disk that fills up) is cut off
         again and raised as ENOSPC, so the journal only ever holds whole records."""
-        written = os.writev(self._fd, parts)
+        start = self._segments[-1].size
+        written = os.pwritev(self._fd, parts, start)
         if written != size:
-            os.ftruncate(self._fd, self._segments[-1].size)
+            os.ftruncate(self._fd, start)
             raise OSError(errno.ENOSPC, "the journal's disk is full")
 
     def _account(self, size: int, seq: int, output_bytes: int) -> None:
@@ -271,8 +365,8 @@ def write_lost_exit(directory: Path, seq: int, message: str) -> pb.Event:
     directory.mkdir(parents=True, exist_ok=True)  # the keeper may have died before making it
     segments = list_segments(directory)
     target = segments[-1][1] if segments else directory / segment_name(seq)
-    with contextlib.suppress(OSError), open(target, "ab") as out:
-        out.write(record)
+    with contextlib.suppress(OSError):
+        _append_after_whole_records(target, record)
     fd = os.open(directory / EXIT_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         os.pwrite(fd, record, 0)
@@ -280,6 +374,26 @@ def write_lost_exit(directory: Path, seq: int, message: str) -> pb.Event:
     finally:
         os.close(fd)
     return event
+
+
+def _append_after_whole_records(path: Path, record: bytes) -> None:
+    """Append a record to a segment, after cutting off a torn tail: what a keeper that died
+    in the middle of a record left. Readers then need no checksum to find the record."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        end = _whole_records_end(os.pread(fd, os.fstat(fd).st_size, 0))
+        os.ftruncate(fd, end)
+        os.pwrite(fd, record, end)
+    finally:
+        os.close(fd)
+
+
+def _whole_records_end(data: bytes) -> int:
+    """The end of the last whole record (header and length within data) of a segment."""
+    offset = 0
+    while (size := _record_size(data, offset)) and offset + size <= len(data):
+        offset += size
+    return offset
 
 
 def _parse_record(
@@ -290,15 +404,15 @@ def _parse_record(
     when data is a memoryview)."""
     if len(data) - pos < HEADER.size:
         return None
-    length, crc, seq = HEADER.unpack_from(data, pos)
-    if length == 0 and crc == 0 and seq == 0:
+    word, crc, seq = HEADER.unpack_from(data, pos)
+    if word == 0 and crc == 0 and seq == 0:
         return None
     start = pos + HEADER.size
-    end = start + length
-    if length > MAX_RECORD_BYTES or end > len(data):
+    end = start + (word & MAX_RECORD_BYTES)
+    if end > len(data):
         return None
     payload = data[start:end]
-    if verify and zlib.crc32(payload) != crc:
+    if verify and _checksum(word, seq, payload) != crc:
         return None
     return seq, payload, end
 
@@ -308,14 +422,14 @@ def parse_event(payload: Payload) -> pb.Event:
     return pb.Event.FromString(payload)  # type: ignore[arg-type]
 
 
-def _record_size(header: bytes) -> int:
-    """The size of the record whose header this is (0 if it is not a plausible header)."""
-    if len(header) < HEADER.size:
+def _record_size(data: bytes, pos: int = 0) -> int:
+    """The size of the record whose header is at pos (0 if there is no plausible header)."""
+    if len(data) - pos < HEADER.size:
         return 0
-    length, crc, seq = HEADER.unpack_from(header)
-    if length > MAX_RECORD_BYTES or (length, crc, seq) == (0, 0, 0):
+    word, crc, seq = HEADER.unpack_from(data, pos)
+    if (word, crc, seq) == (0, 0, 0):
         return 0
-    return HEADER.size + int(length)
+    return HEADER.size + int(word & MAX_RECORD_BYTES)
 
 
 def read_truncations(directory: Path) -> list[tuple[int, int, int]]:
@@ -364,9 +478,9 @@ class JournalReader:
     def read(self, max_bytes: int, verify: bool = True) -> list[tuple[int, Payload]]:
         """See the class. ``verify=False`` skips the checksums: for a journal that a live
         keeper is writing, or wrote and finished, in this boot. Its records are whole once
-        their length is in the file (one write each, read through the page cache), so a
-        checksum cannot fail; it guards against what a crash leaves (a record torn by a
-        keeper that died, then the lost-exit record appended after it; a power loss)."""
+        the bytes their header announces are in the file (written in order, read through
+        the page cache), so a checksum cannot fail; it guards against damage a crash leaves
+        (a power loss; a keeper's torn last record is cut off by ``write_lost_exit``)."""
         self._verify = verify
         out: list[tuple[int, Payload]] = []
         budget = max_bytes
@@ -441,10 +555,10 @@ class JournalReader:
             header = os.pread(self._file, HEADER.size, offset)
             if len(header) < HEADER.size:
                 return offset
-            length, _crc, seq = HEADER.unpack(header)
-            if seq > self.last_seq or length > MAX_RECORD_BYTES or (length, seq) == (0, 0):
+            word, _crc, seq = HEADER.unpack(header)
+            if seq > self.last_seq or (word, seq) == (0, 0):
                 return offset
-            offset += HEADER.size + length
+            offset += HEADER.size + (word & MAX_RECORD_BYTES)
 
     def _advance_if_final(self, out: list[tuple[int, Payload]]) -> bool:
         """At the end of the current segment: move to its successor if one exists."""

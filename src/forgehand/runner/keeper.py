@@ -10,8 +10,11 @@ run costs about as much as a plain spawn.
 What it does per run: spawn the command in a new session (its process group is the run's)
 → ``Started`` → pump output into the journal, feed stdin, enforce the timeout and the
 output limit, obey control frames → on exit kill what is left of the process group, drain
-the pipes → ``Exited``. The keeper is every run's child subreaper and reaps with ``wait4``,
-so every exit comes with its resource usage.
+the pipes → ``Exited``. Output from pipes is moved into the journal with ``splice``
+(``JournalWriter.splice_output``): the bytes go from the pipe to the journal's page cache
+without passing through the keeper. A terminal cannot be spliced, nor can some file
+systems; then the keeper reads and writes. The keeper is every run's child subreaper and
+reaps with ``wait4``, so every exit comes with its resource usage.
 
 Wire protocol with the daemon, on one connection, frames ``u8 kind | u32 id | u32 length |
 payload``. Requests (id > 0) get exactly one reply with the same id: ``O`` (ok, payload
@@ -64,6 +67,13 @@ STEP_KINDS = {
     "result": pb.StepEvent.KIND_RESULT,
 }
 READ_BYTES = 1024 * 1024
+SPLICED_STREAMS = (pb.STREAM_STDOUT, pb.STREAM_STDERR)  # pipes; not a terminal, not step events
+NO_SPLICE = (errno.EINVAL, errno.ENOSYS)  # the journal's file system cannot splice
+JOURNAL_ERRORS = {
+    errno.ENOSPC: "journal disk full: the run was stopped",
+    errno.EDQUOT: "journal disk full: the run was stopped",
+    errno.EFBIG: "an event exceeded the journal's record size: the run was stopped",
+}
 PIPE_BYTES = 1024 * 1024
 DEFAULT_GRACE = 2.0
 ANNOUNCE_DELAY = 0.002
@@ -74,6 +84,7 @@ PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NAME = 15
 KEEPER_COMM = "forgehand-keep"  # at most 15 bytes
 F_SETPIPE_SZ = 1031
+C_INT = struct.Struct("i")
 RESET_SIGNALS = (signal.SIGPIPE, signal.SIGINT, signal.SIGCHLD, signal.SIGTERM, signal.SIGQUIT)
 
 
@@ -152,6 +163,7 @@ class Run:
     drain_until: float = 0.0
     step_buffer: bytearray = field(default_factory=bytearray)
     announce_at: float = 0.0  # when to tell the daemon about Started, unless news comes first
+    splice: bool = True  # whether pipe output may be spliced into the journal
 
     @property
     def exited(self) -> bool:
@@ -548,17 +560,18 @@ class Keeper:
         try:
             append()
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            message = JOURNAL_ERRORS.get(exc.errno or 0)
+            if message is None:
                 raise
-            self._request_kill(
-                run, pb.EXIT_REASON_ERROR, "journal disk full: the run was stopped", 0
-            )
+            self._request_kill(run, pb.EXIT_REASON_ERROR, message, 0)
         if announce:
             run.announce_at = 0.0
             self.dirty.add(run.run_id)
 
     def _on_output(self, fd: int, _mask: int) -> None:
         run = self.by_fd[fd]
+        if run.splice and run.outputs[fd] in SPLICED_STREAMS and self._splice_output(run, fd):
+            return
         try:
             data = os.read(fd, READ_BYTES)
         except BlockingIOError:
@@ -581,6 +594,25 @@ class Keeper:
         if data:
             stream = run.outputs[fd]
             self._write(run, lambda: run.journal.append_output(stream, data))
+
+    def _splice_output(self, run: Run, fd: int) -> bool:
+        """Splice what the pipe holds into the journal. False leaves it to the read path:
+        at end of file (nothing to splice), where the output limit cuts, and for the rest
+        of the run once the journal's file system turns out unable to splice."""
+        size = min(_pipe_bytes(fd), READ_BYTES)
+        limit = run.request.limits.max_output_bytes
+        if size <= 0 or (limit and run.output_bytes + size > limit):
+            return False
+        stream = run.outputs[fd]
+        try:
+            self._write(run, lambda: run.journal.splice_output(stream, fd, size))
+        except OSError as exc:
+            if exc.errno not in NO_SPLICE:
+                raise
+            run.splice = False
+            return False
+        run.output_bytes += size
+        return True
 
     def _record_step_events(self, run: Run, data: bytes) -> None:
         run.step_buffer += data
@@ -806,6 +838,12 @@ def _stdin_error(run: Run) -> str:
     if run.request.stdin != pb.STDIN_MODE_PIPE:
         return "the run was started without stdin: start it with stdin=pipe"
     return "" if run.stdin_fd >= 0 else "the run's stdin is closed"
+
+
+def _pipe_bytes(fd: int) -> int:
+    """How many bytes a pipe holds (FIONREAD)."""
+    held: int = C_INT.unpack(fcntl.ioctl(fd, termios.FIONREAD, bytes(C_INT.size)))[0]
+    return held
 
 
 def _set_winsize(fd: int, rows: int, cols: int) -> None:
