@@ -11,14 +11,19 @@ thread or an event loop, so the keeper shares the interpreter and every module
 copy-on-write instead of starting its own. ``--supervise`` forks the other way round: this
 process becomes the keeper and the daemon is its child, restarted when it crashes — for
 the process a sandbox runs, whose exit ends the sandbox (``forgehand.runner.supervisor``).
+
+Both ways, every page a process writes after the fork exists twice, so the daemon finds
+everything it needs imported (``_import_server``), and ``serve`` keeps out what it never
+uses (``_without_openssl``). ``asyncio`` is imported inside the functions that run the
+loop, after that.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import functools
+import importlib
 import logging
 import os
 import signal
@@ -73,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _serve(args: argparse.Namespace, config: RunnerConfig) -> None:
+    import asyncio
+
     from forgehand.runner.server import RunnerServer
 
     token = args.token_file.read_text().strip() if args.token_file else None
@@ -97,7 +104,25 @@ async def _serve(args: argparse.Namespace, config: RunnerConfig) -> None:
 
 
 def _import_server() -> None:
+    """Import what the daemon runs before the fork, so the keeper and the daemon share it.
+    A module first imported after the fork is the daemon's alone, and so is every page the
+    import machinery writes on the way: grpc imports ``_utilities`` only when the server
+    builds its method handlers, which cost each sandbox 0.6 MB until it was imported here."""
     import forgehand.runner.server  # noqa: F401
+
+    importlib.import_module("grpc._utilities")
+
+
+def _without_openssl() -> None:
+    """Serve as a Python built without OpenSSL would: keep ``ssl`` and ``_hashlib`` out.
+
+    asyncio imports ``ssl`` (0.8 MB in each sandbox) only for SSL transports, and ``hmac``
+    imports ``_hashlib`` (libcrypto, 0.4 MB of it written at load) only for its digests;
+    both are written to fall back when these are missing. The runner opens no SSL
+    transport (the TLS of ``--tcp`` is gRPC's own) and ``hmac.compare_digest`` compares
+    the same without OpenSSL. A module this process already imported stays."""
+    for name in ("ssl", "_hashlib"):
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]  # import raises then
 
 
 def _announce_ready(fd: int | None) -> None:
@@ -118,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         from forgehand.runner.proxy import run
 
         return run(args.socket)
+    _without_openssl()
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     # Imported here so that `proxy`, which runs once per exec-channel connection, starts fast.
     from forgehand.runner.config import ConfigError, RunnerConfig
@@ -155,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _daemon(args: argparse.Namespace, config: RunnerConfig, ready_fd: int | None) -> int:
     """Serve until SIGTERM or SIGINT; the exit status (2: the daemon cannot start)."""
+    import asyncio
+
     from forgehand.runner import errors
 
     args.ready_fd = ready_fd

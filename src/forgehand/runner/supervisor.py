@@ -15,7 +15,7 @@ it costs no process beyond the two a sandbox had (daemon + forked keeper), and t
 restarted daemon shares the interpreter and every module copy-on-write, so it serves
 again within milliseconds. A stdlib-only supervisor (``python3 -I -S``, as
 ``forgehand.sandbox.subreaper``) measured 3.5 MB PSS on its own (2.9 MB of it private),
-which a bwrap sandbox at 28.5 MB idle against a 30 MB target cannot afford; bwrap's idle
+which a bwrap sandbox at 29-32 MB idle against a 30 MB target cannot afford; bwrap's idle
 PSS with this mode is unchanged.
 
 What ends the daemon, and what the supervisor then does:
@@ -61,6 +61,7 @@ from forgehand.runner.keeper import (
     _signal_group,
     listen,
 )
+from forgehand.runner.tuning import release_free_memory
 
 MAX_RESTARTS = 5
 RESTART_WINDOW_SECONDS = 60.0
@@ -124,6 +125,7 @@ class Supervisor:
     def start_daemon(self, ready_fd: int | None = None) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        release_free_memory()  # freed at start-up: the daemon need not share it
         gc.freeze()  # the collector would otherwise touch, and so copy, every shared object
         pid = os.fork()
         if pid == 0:
