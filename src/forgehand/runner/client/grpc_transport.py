@@ -141,6 +141,7 @@ class GrpcTransport:
         self.connector = connector
         self.use_direct = use_direct
         """Attach over the direct channel where the connector offers it (off: always gRPC)."""
+        self._direct_connector = connector if isinstance(connector, DirectConnector) else None
         self._channel: grpc.aio.Channel | None = None
         self._lock = asyncio.Lock()
         self._session: _SessionCall | None = None
@@ -240,9 +241,9 @@ class GrpcTransport:
     async def _direct(
         self, request: pb.AttachRequest, deadline: float | None
     ) -> AsyncIterator[pb.AttachResponse] | None:
-        if not self.use_direct or not isinstance(self.connector, DirectConnector):
+        if not self.use_direct or self._direct_connector is None:
             return None
-        sock = await self.connector.connect_direct()
+        sock = await self._direct_connector.connect_direct()
         return None if sock is None else direct_attach(sock, request, deadline)
 
     async def _open_session(self, deadline: float | None) -> _SessionCall | None:
