@@ -22,12 +22,14 @@ from google.protobuf.message import DecodeError
 from forgehand._proto.runner.v1 import runner_pb2 as pb
 from forgehand.runner import errors
 from forgehand.runner.core import AttachBatch, RunnerCore
-from forgehand.runner.direct import FRAME, REQUEST_SECONDS, TAG, send_parts, settle
+from forgehand.runner.direct import FRAME, REQUEST_SECONDS, TAG, send_parts
 from forgehand.runner.wire import session_error_parts, session_parts
 
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 256
+READ_BYTES = 64 * 1024
+SEND_BUFFER_BYTES = 4 * 1024 * 1024  # a whole batch in flight: fewer wake-ups on both sides
 INTERNAL_MESSAGE = "internal runner error; see its log"
 
 
@@ -80,6 +82,8 @@ class DirectListener:
                 await asyncio.sleep(0.1)
                 continue
             conn.setblocking(False)
+            with contextlib.suppress(OSError):  # capped at net.core.wmem_max (4 MiB here)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
             task = asyncio.create_task(self._serve(conn))
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
@@ -106,20 +110,33 @@ class DirectListener:
             conn.close()
 
     async def _read_request(self, conn: socket.socket) -> pb.AttachRequest:
+        loop = asyncio.get_running_loop()
+        data = bytearray()
+        size = -1
         try:
             async with asyncio.timeout(REQUEST_SECONDS):
-                (size,) = FRAME.unpack(await _receive(conn, FRAME.size))
-                if size > self.max_request_bytes:
-                    raise errors.InvalidArgument(
-                        f"the attach request is {size} bytes; the limit is {self.max_request_bytes}"
-                    )
-                data = await _receive(conn, size)
+                while size < 0 or len(data) < FRAME.size + size:
+                    chunk = await loop.sock_recv(conn, READ_BYTES)
+                    if not chunk:
+                        raise errors.InvalidArgument(
+                            "the connection closed inside the attach request"
+                        )
+                    data += chunk
+                    if size < 0 and len(data) >= FRAME.size:
+                        (size,) = FRAME.unpack_from(data)
+                        if size > self.max_request_bytes:
+                            raise errors.InvalidArgument(
+                                f"the attach request is {size} bytes; the limit is "
+                                f"{self.max_request_bytes}"
+                            )
         except TimeoutError:
             raise errors.InvalidArgument(
                 f"no whole attach request within {REQUEST_SECONDS:g}s"
             ) from None
+        if len(data) > FRAME.size + size:
+            raise errors.InvalidArgument("nothing may follow the attach request")
         try:
-            return pb.AttachRequest.FromString(data)
+            return pb.AttachRequest.FromString(bytes(data[FRAME.size :]))
         except DecodeError:
             raise errors.InvalidArgument("the attach request is not an AttachRequest") from None
 
@@ -139,33 +156,29 @@ class DirectListener:
 
     @staticmethod
     async def _until_hangup(conn: socket.socket, streaming: Coroutine[Any, Any, None]) -> None:
-        """Run the stream until it ends, or until the client closes its side (or sends
-        anything: a protocol violation), which ends the attach at once even while the
-        run is quiet."""
+        """Run the stream in this task until it ends, or until the client closes its side
+        (or sends anything: a protocol violation), which ends the attach at once even
+        while the run is quiet."""
         loop = asyncio.get_running_loop()
-        task = asyncio.create_task(streaming)
-        hangup: asyncio.Future[None] = loop.create_future()
+        task = asyncio.current_task()
+        assert task is not None
+        hung_up = False
+
+        def on_readable() -> None:
+            nonlocal hung_up
+            if not hung_up:
+                hung_up = True
+                task.cancel()
+
         fd = conn.fileno()
-        loop.add_reader(fd, settle, hangup)
+        loop.add_reader(fd, on_readable)
         try:
-            await asyncio.wait((task, hangup), return_when=asyncio.FIRST_COMPLETED)
+            await streaming
+        except asyncio.CancelledError:
+            if not hung_up or task.uncancel() > 0:
+                raise  # not (only) the hang-up: the listener is closing
         finally:
             loop.remove_reader(fd)
-            if not task.done():
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task  # its error, if it failed, is the attach's
-
-
-async def _receive(conn: socket.socket, size: int) -> bytes:
-    loop = asyncio.get_running_loop()
-    data = bytearray()
-    while len(data) < size:
-        chunk = await loop.sock_recv(conn, size - len(data))
-        if not chunk:
-            raise errors.InvalidArgument("the connection closed inside the attach request")
-        data += chunk
-    return bytes(data)
 
 
 async def _send_frame(conn: socket.socket, parts: list[bytes | memoryview]) -> None:
