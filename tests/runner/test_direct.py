@@ -210,3 +210,37 @@ async def test_connect_direct_is_none_when_nothing_listens(short_tmp: Path) -> N
         assert await connector.connect_direct() is None
     finally:
         stale.close()
+
+
+async def test_the_next_attach_uses_the_connection_made_after_the_last(
+    server: RunnerServer, direct: Path
+) -> None:
+    listener = server._direct
+    assert listener is not None
+    async with RunnerClient.unix(direct.with_name("runner.sock")) as client:
+        transport = client.transport
+        assert isinstance(transport, GrpcTransport)
+        assert (await client.run(sh("echo one"))).stdout == b"one\n"
+        assert transport._spare is not None
+        spare = transport._spare[0]
+        await wait_for(lambda: len(listener._connections) == 1)  # accepted, waiting
+        assert (await client.run(sh("echo two"))).stdout == b"two\n"
+        assert spare.fileno() == -1  # used, then closed
+        assert client.reconnects == 0
+    assert transport._spare is None
+
+
+async def test_a_spare_the_daemon_may_have_dropped_is_not_used(
+    server: RunnerServer, direct: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from forgehand.runner.client import grpc_transport
+
+    monkeypatch.setattr(direct_server, "REQUEST_SECONDS", 0.2)
+    monkeypatch.setattr(grpc_transport, "REQUEST_SECONDS", 0.2)
+    listener = server._direct
+    assert listener is not None
+    async with RunnerClient.unix(direct.with_name("runner.sock")) as client:
+        assert (await client.run(sh("echo one"))).stdout == b"one\n"
+        await wait_for(lambda: not listener._connections)  # the daemon dropped the spare
+        assert (await client.run(sh("echo two"))).stdout == b"two\n"
+        assert client.reconnects == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -41,7 +42,6 @@ class DirectListener:
         self.path = path
         self.max_request_bytes = max_request_bytes
         self._sock: socket.socket | None = None
-        self._acceptor: asyncio.Task[None] | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -59,34 +59,49 @@ class DirectListener:
         sock.listen(128)
         sock.setblocking(False)
         self._sock = sock
-        self._acceptor = asyncio.create_task(self._accept(sock))
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)
 
     async def close(self) -> None:
-        tasks = [task for task in (self._acceptor, *self._connections) if task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         if self._sock is not None:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+        tasks = list(self._connections)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _accept(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
+    def _accept(self) -> None:
+        """Accept what is waiting (a reader callback: no accepted socket can be lost to a
+        cancellation between the accept and its task)."""
+        listener = self._sock
+        if listener is None:
+            return
         while True:
             try:
-                conn, _ = await loop.sock_accept(listener)
-            except OSError as exc:  # EMFILE and the like: the next accept may succeed
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # EMFILE and the like: pause, then try again
                 log.warning("direct attach: accept failed: %s", exc)
-                await asyncio.sleep(0.1)
-                continue
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(listener.fileno())
+                loop.call_later(0.1, self._resume_accepting, listener)
+                return
             conn.setblocking(False)
             with contextlib.suppress(OSError):  # capped at net.core.wmem_max (4 MiB here)
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
             task = asyncio.create_task(self._serve(conn))
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
+            task.add_done_callback(functools.partial(_close, conn))  # even if it never ran
+
+    def _resume_accepting(self, listener: socket.socket) -> None:
+        if self._sock is listener:
+            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept)
 
     async def _serve(self, conn: socket.socket) -> None:
         try:
@@ -184,3 +199,7 @@ class DirectListener:
 async def _send_frame(conn: socket.socket, parts: list[bytes | memoryview]) -> None:
     size = sum(len(part) for part in parts)
     await send_parts(conn, [FRAME.pack(size), *parts])
+
+
+def _close(conn: socket.socket, _task: object) -> None:
+    conn.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
@@ -15,6 +16,7 @@ from forgehand.runner import errors
 from forgehand.runner.client.connectors import Connector, DirectConnector
 from forgehand.runner.client.direct import direct_attach
 from forgehand.runner.client.transport import closing_stream
+from forgehand.runner.direct import REQUEST_SECONDS
 
 SERVICE = "/forgehand.runner.v1.Runner/"
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -142,6 +144,8 @@ class GrpcTransport:
         self.use_direct = use_direct
         """Attach over the direct channel where the connector offers it (off: always gRPC)."""
         self._direct_connector = connector if isinstance(connector, DirectConnector) else None
+        self._spare: tuple[socket.socket, float] | None = None  # (connection, made at)
+        self._closed = False
         self._channel: grpc.aio.Channel | None = None
         self._lock = asyncio.Lock()
         self._session: _SessionCall | None = None
@@ -243,8 +247,49 @@ class GrpcTransport:
     ) -> AsyncIterator[pb.AttachResponse] | None:
         if not self.use_direct or self._direct_connector is None:
             return None
-        sock = await self._direct_connector.connect_direct()
-        return None if sock is None else direct_attach(sock, request, deadline)
+        sock = self._take_spare() or await self._direct_connector.connect_direct()
+        return None if sock is None else self._direct_attach(sock, request, deadline)
+
+    async def _direct_attach(
+        self, sock: socket.socket, request: pb.AttachRequest, deadline: float | None
+    ) -> AsyncIterator[pb.AttachResponse]:
+        try:
+            responses = direct_attach(sock, request, deadline)
+            async with closing_stream(responses):
+                async for response in responses:
+                    yield response
+        finally:
+            await self._connect_spare()
+
+    def _take_spare(self) -> socket.socket | None:
+        """The connection made after the last attach, if it is young enough that the
+        daemon still waits for its request (it drops a silent one after REQUEST_SECONDS)."""
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        sock, made = spare
+        if asyncio.get_running_loop().time() - made < REQUEST_SECONDS / 2:
+            return sock
+        sock.close()
+        return None
+
+    async def _connect_spare(self) -> None:
+        """Connect the next attach's socket now, while nothing waits for it: the daemon
+        accepts it off the critical path, so an exec costs it one wake-up, not two."""
+        if self._spare is not None or self._direct_connector is None or self._closed:
+            return
+        with contextlib.suppress(OSError, errors.RunnerError):
+            sock = await self._direct_connector.connect_direct()
+            if sock is not None:
+                if self._spare is not None or self._closed:  # another attach ended first
+                    sock.close()
+                else:
+                    self._spare = (sock, asyncio.get_running_loop().time())
+
+    def _drop_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            spare[0].close()
 
     async def _open_session(self, deadline: float | None) -> _SessionCall | None:
         if self._sessions_offered is None:
@@ -313,6 +358,7 @@ class GrpcTransport:
         return result
 
     async def reconnect(self) -> None:
+        self._drop_spare()
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -324,6 +370,7 @@ class GrpcTransport:
             task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
+        self._closed = True
         await self.reconnect()
         await asyncio.gather(*self._closing)
         await self.connector.close()
