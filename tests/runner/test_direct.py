@@ -221,6 +221,7 @@ async def test_the_next_attach_uses_the_connection_made_after_the_last(
         transport = client.transport
         assert isinstance(transport, GrpcTransport)
         assert (await client.run(sh("echo one"))).stdout == b"one\n"
+        await wait_for(lambda: transport._spare is not None)  # connected in the background
         assert transport._spare is not None
         spare = transport._spare[0]
         await wait_for(lambda: len(listener._connections) == 1)  # accepted, waiting

@@ -145,6 +145,7 @@ class GrpcTransport:
         """Attach over the direct channel where the connector offers it (off: always gRPC)."""
         self._direct_connector = connector if isinstance(connector, DirectConnector) else None
         self._spare: tuple[socket.socket, float] | None = None  # (connection, made at)
+        self._spare_task: asyncio.Task[None] | None = None
         self._closed = False
         self._channel: grpc.aio.Channel | None = None
         self._lock = asyncio.Lock()
@@ -259,7 +260,7 @@ class GrpcTransport:
                 async for response in responses:
                     yield response
         finally:
-            await self._connect_spare()
+            self._schedule_spare()
 
     def _take_spare(self) -> socket.socket | None:
         """The connection made after the last attach, if it is young enough that the
@@ -272,6 +273,16 @@ class GrpcTransport:
             return sock
         sock.close()
         return None
+
+    def _schedule_spare(self) -> None:
+        """Connect the next attach's socket once the caller has what it waited for (a
+        task, so the connection, and the daemon's accept, are off the caller's path)."""
+        if self._spare is None and self._spare_task is None and not self._closed:
+            self._spare_task = asyncio.create_task(self._connect_spare())
+            self._spare_task.add_done_callback(self._spare_done)
+
+    def _spare_done(self, _task: asyncio.Task[None]) -> None:
+        self._spare_task = None
 
     async def _connect_spare(self) -> None:
         """Connect the next attach's socket now, while nothing waits for it: the daemon
@@ -371,6 +382,9 @@ class GrpcTransport:
 
     async def close(self) -> None:
         self._closed = True
+        if self._spare_task is not None:
+            self._spare_task.cancel()
+            await asyncio.gather(self._spare_task, return_exceptions=True)
         await self.reconnect()
         await asyncio.gather(*self._closing)
         await self.connector.close()
