@@ -7,7 +7,7 @@
   turns (one call of each per round, so load from elsewhere on the machine falls on all
   alike); exec_p50_x_host is each runner p50 over the host's.
 - stream_mb_s: 256 MiB of stdout through the runner (journal included; ``runner`` over
-  the direct channel, ``runner_grpc`` over gRPC) vs a local pipe, in turns, three times
+  the direct channel, ``runner_grpc`` over gRPC) vs a local pipe, in turns, five times
   each (medians).
 - reconnect: 100 forced disconnects during a 64 MiB output run, through relays whose
   connections are cut (the attach over the direct channel; ``reconnect_grpc`` the same
@@ -45,7 +45,7 @@ from forgehand.runner.tuning import tune_malloc
 
 MIB = 1024 * 1024
 BLOCK = 64 * 1024
-STREAM_ROUNDS = 3
+STREAM_ROUNDS = 5
 # Writes `blocks` 64 KiB blocks, each stamped with its index, flushing each one and pausing
 # briefly so the output arrives as many events (each a chance to cut the connection).
 GENERATOR = (
