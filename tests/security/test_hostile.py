@@ -360,7 +360,9 @@ async def test_other_sandboxes_runner_socket_is_out_of_reach(open_box: OpenBox) 
         seen = await second.run(["ls", "-a", str(second.spec.work_dir.sandbox_path)])
     assert out["other"] in ("FileNotFoundError", "PermissionError", "ConnectionRefusedError")
     assert other_socket not in out["sockets"]
-    assert len(out["sockets"]) <= 2  # its own runner socket (and egress socket), no more
+    # Only its own: the runner's gRPC and direct sockets, the keeper's, the egress bridge.
+    own = {"runner.sock", "runner.sock.direct", "keeper.sock", "egress.sock"}
+    assert {Path(found).name for found in out["sockets"]} <= own, out["sockets"]
     assert b"mine" not in seen.stdout
 
 
