@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -86,3 +87,29 @@ async def client(
 @pytest.fixture
 def work(config: RunnerConfig) -> Path:
     return config.roots[0]
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+def make_pki(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a certificate for 127.0.0.1: (ca.pem, server.pem, server.key)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command line tool: install the `openssl` package")
+    d = directory
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl("req", "-x509", *ec, "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.pem", "-days", "1",
+             "-subj", "/CN=forgehand test CA",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+    _openssl("req", *ec, "-keyout", f"{d}/server.key", "-out", f"{d}/server.csr",
+             "-subj", "/CN=localhost")  # fmt: skip
+    (d / "ext.cnf").write_text(
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+        "extendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n"
+    )
+    _openssl("x509", "-req", "-in", f"{d}/server.csr", "-CA", f"{d}/ca.pem",
+             "-CAkey", f"{d}/ca.key", "-CAcreateserial", "-out", f"{d}/server.pem",
+             "-days", "1", "-extfile", f"{d}/ext.cnf")  # fmt: skip
+    return d / "ca.pem", d / "server.pem", d / "server.key"

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import stat
-import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
+from conftest import make_pki
 
 from forgehand._proto.runner.v1 import runner_pb2 as pb
 from forgehand.runner import errors
@@ -39,31 +38,11 @@ class Pki:
     key: Path
 
 
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture
 def pki(short_tmp: Path) -> Pki:
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command line tool: install the `openssl` package")
-    d = short_tmp / "pki"
-    d.mkdir()
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    _openssl("req", "-x509", *ec, "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.pem", "-days", "1",
-             "-subj", "/CN=forgehand test CA",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
-    _openssl("req", *ec, "-keyout", f"{d}/server.key", "-out", f"{d}/server.csr",
-             "-subj", "/CN=localhost")  # fmt: skip
-    (d / "ext.cnf").write_text(
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
-        "extendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n"
-    )
-    _openssl("x509", "-req", "-in", f"{d}/server.csr", "-CA", f"{d}/ca.pem",
-             "-CAkey", f"{d}/ca.key", "-CAcreateserial", "-out", f"{d}/server.pem",
-             "-days", "1", "-extfile", f"{d}/ext.cnf")  # fmt: skip
-    return Pki(d / "ca.pem", d / "server.pem", d / "server.key")
+    directory = short_tmp / "pki"
+    directory.mkdir()
+    return Pki(*make_pki(directory))
 
 
 @pytest.fixture

@@ -41,31 +41,37 @@ def base() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-async def test_a_symlink_put_in_place_of_the_runner_socket_is_not_followed(base: Path) -> None:
-    decoy = socket.socket(socket.AF_UNIX)
-    decoy.bind(str(base / "decoy.sock"))
-    decoy.listen()
+@pytest.fixture
+def decoy(base: Path) -> Iterator[Path]:
+    """A host socket a sandbox would like the host to connect to; it never gets a
+    connection."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(base / "decoy.sock"))
+    listener.listen()
+    yield base / "decoy.sock"
+    listener.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        listener.accept()
+    listener.close()
+
+
+async def test_a_symlink_put_in_place_of_the_runner_socket_is_not_followed(
+    base: Path, decoy: Path
+) -> None:
     spec = SandboxSpec.model_validate(
         {"work_dir": {"host_path": str(base / "work"), "size_bytes": "16M"}}
     )
     backend = BwrapBackend(BwrapBackendConfig(state_dir=base / "state"))
     async with backend.create(spec) as sandbox:
-        swap = f"mv {RUNNER_SOCKET} {RUNNER_SOCKET}.real && ln -s {base}/decoy.sock {RUNNER_SOCKET}"
+        swap = f"mv {RUNNER_SOCKET} {RUNNER_SOCKET}.real && ln -s {decoy} {RUNNER_SOCKET}"
         swapped = await sandbox.client.run(RunSpec(argv=("sh", "-c", swap)))
         assert swapped.ok, swapped.stderr
         await sandbox.client.transport.reconnect()  # the next dial finds the symlink
         with pytest.raises(runner_errors.PermissionDenied, match="replaced its runner's socket"):
             await sandbox.client.capabilities()
-    decoy.setblocking(False)
-    with pytest.raises(BlockingIOError):
-        decoy.accept()
-    decoy.close()
 
 
-async def test_the_direct_channel_is_pinned_too(base: Path) -> None:
-    decoy = socket.socket(socket.AF_UNIX)
-    decoy.bind(str(base / "decoy.sock"))
-    decoy.listen()
+async def test_the_direct_channel_is_pinned_too(base: Path, decoy: Path) -> None:
     spec = SandboxSpec.model_validate(
         {"work_dir": {"host_path": str(base / "work"), "size_bytes": "16M"}}
     )
@@ -76,12 +82,8 @@ async def test_the_direct_channel_is_pinned_too(base: Path) -> None:
         assert reached is not None
         reached.close()
         direct = f"{RUNNER_SOCKET}.direct"
-        swap = f"mv {direct} {direct}.real && ln -s {base}/decoy.sock {direct}"
+        swap = f"mv {direct} {direct}.real && ln -s {decoy} {direct}"
         swapped = await sandbox.client.run(RunSpec(argv=("sh", "-c", swap)))
         assert swapped.ok, swapped.stderr
         with pytest.raises(runner_errors.PermissionDenied, match="replaced its runner's socket"):
             await sandbox.client.run(RunSpec(argv=("true",)))
-    decoy.setblocking(False)
-    with pytest.raises(BlockingIOError):
-        decoy.accept()
-    decoy.close()
