@@ -63,7 +63,7 @@ async def _within(end: float | None, deadline: float | None, step: Awaitable[T])
 
 class _Frames:
     """Frames off a stream socket: small ones from a shared buffer, each large one read
-    straight into a buffer of its own (its bytes are copied once, by the kernel)."""
+    straight into a second buffer, reused (its bytes are copied once, by the kernel)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -71,6 +71,7 @@ class _Frames:
         self.view = memoryview(self.buf)
         self.start = 0
         self.end = 0
+        self.large = bytearray()
 
     async def next(self) -> memoryview:
         """The next frame's payload; valid until the next call."""
@@ -88,11 +89,12 @@ class _Frames:
                 await self._fill()
             self.start = first + size
             return self.view[first : self.start]
-        body = bytearray(size)
+        if len(self.large) < size:
+            self.large = bytearray(size)  # kept for the next large frame: not zeroed again
+        view = memoryview(self.large)[:size]
         have = self.end - first
-        body[:have] = self.view[first : self.end]
+        view[:have] = self.view[first : self.end]
         self.start = self.end = 0
-        view = memoryview(body)
         loop = asyncio.get_running_loop()
         while have < size:
             got = await loop.sock_recv_into(self.sock, view[have:])
