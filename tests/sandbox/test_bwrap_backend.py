@@ -4,18 +4,16 @@ real unix socket. Hostile programs are bounded (fixed counts, small sizes, short
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from bwrap_support import NEEDS_BWRAP, mounts_under, scratch_dir
 
 from forgehand.runner.keeper import KEEPER_COMM
 from forgehand.runner.model import ExitReason
@@ -32,30 +30,12 @@ from forgehand.sandbox.errors import IsolationUnavailable, SandboxLaunchError
 from forgehand.sandbox.pool import SandboxPool
 from forgehand.sandbox.spec import SandboxSpec
 
-pytestmark = [
-    pytest.mark.needs_root,
-    pytest.mark.skipif(shutil.which("bwrap") is None, reason="install the `bubblewrap` package"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: cgroups and tmpfs mounts"),
-    pytest.mark.skipif(
-        len(cgroups.detect_hierarchies()) < len(cgroups.Controller),
-        reason="needs memory, pids and cpu cgroup controllers",
-    ),
-]
+pytestmark = NEEDS_BWRAP
 
 
 @pytest.fixture
 def base() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="fh-bb-", dir="/tmp"))
-    path.chmod(0o711)
-    yield path
-    for mount in reversed(_mounts_under(path)):
-        subprocess.run(["umount", "-l", mount], check=False)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _mounts_under(path: Path) -> list[str]:
-    lines = Path("/proc/self/mounts").read_text().splitlines()
-    return [line.split()[1] for line in lines if line.split()[1].startswith(f"{path}/")]
+    yield from scratch_dir("fh-bb-")
 
 
 @pytest.fixture
@@ -150,7 +130,7 @@ async def test_destroy_leaves_nothing(backend: BwrapBackend, base: Path) -> None
     assert not (base / "work").exists()
     assert not sandbox.directory.exists()
     assert await backend.list_sandboxes() == []
-    assert not _mounts_under(base)
+    assert not mounts_under(base)
     assert all(_dead(pid) for pid in pids)
 
 
@@ -179,7 +159,7 @@ async def test_runner_that_cannot_start_is_reported_with_its_stderr(base: Path) 
         async with backend.create(make_spec(base)):
             pass
     assert await backend.list_sandboxes() == []
-    assert not _mounts_under(base)
+    assert not mounts_under(base)
 
 
 async def test_memory_breach_ends_the_run_as_oom(sandbox: BwrapRunnerSandbox) -> None:
@@ -264,7 +244,7 @@ async def test_pool_hands_out_each_sandbox_once(backend: BwrapBackend, base: Pat
             assert sandbox.state is SandboxState.DESTROYED  # type: ignore[attr-defined]
     assert len(seen) == 3
     assert await backend.list_sandboxes() == []
-    assert not _mounts_under(base)
+    assert not mounts_under(base)
 
 
 REAP_SCRIPT = """
@@ -300,7 +280,7 @@ async def test_reap_destroys_what_a_dead_owner_left(backend: BwrapBackend, base:
     [leftover] = await backend.reap()
     assert leftover.sandbox_id == record.sandbox_id
     assert await backend.list_sandboxes() == []
-    assert not _mounts_under(base)
+    assert not mounts_under(base)
     assert not (base / "orphan").exists()
     assert not any(g.sandbox_id == record.sandbox_id for g in cgroups.list_groups())
 

@@ -7,41 +7,27 @@ import asyncio
 import contextlib
 import ipaddress
 import json
-import os
-import shutil
 import socket
 import subprocess
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from bwrap_support import NEEDS_BWRAP, scratch_dir
 
-from forgehand.sandbox import cgroups
 from forgehand.sandbox.bwrap_backend import BwrapBackend, BwrapBackendConfig
 from forgehand.sandbox.egress import StaticResolver
 from forgehand.sandbox.egress.addresses import blocked_reason
 from forgehand.sandbox.egress.config import EgressConfig
 from forgehand.sandbox.spec import SandboxSpec
 
-pytestmark = [
-    pytest.mark.needs_root,
-    pytest.mark.skipif(shutil.which("bwrap") is None, reason="install the `bubblewrap` package"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: cgroups and tmpfs mounts"),
-    pytest.mark.skipif(
-        len(cgroups.detect_hierarchies()) < len(cgroups.Controller),
-        reason="needs memory, pids and cpu cgroup controllers",
-    ),
-]
+pytestmark = NEEDS_BWRAP
 
 
 @pytest.fixture
 def base() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="fh-bn-", dir="/tmp"))
-    path.chmod(0o711)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    yield from scratch_dir("fh-bn-")
 
 
 def make_spec(base: Path, **extra: Any) -> SandboxSpec:

@@ -6,30 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import subprocess
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from bwrap_support import NEEDS_BWRAP, scratch_dir
 
 from forgehand.runner.keeper import KEEPER_COMM
 from forgehand.runner.model import Event, Exited, ExitReason, Output
-from forgehand.sandbox import cgroups
 from forgehand.sandbox.bwrap_backend import BwrapBackend, BwrapBackendConfig, BwrapRunnerSandbox
 from forgehand.sandbox.spec import SandboxSpec
 
-pytestmark = [
-    pytest.mark.needs_root,
-    pytest.mark.skipif(shutil.which("bwrap") is None, reason="install the `bubblewrap` package"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: cgroups and tmpfs mounts"),
-    pytest.mark.skipif(
-        len(cgroups.detect_hierarchies()) < len(cgroups.Controller),
-        reason="needs memory, pids and cpu cgroup controllers",
-    ),
-]
+pytestmark = NEEDS_BWRAP
 
 LINES = 300
 PRINTER = (
@@ -42,13 +31,7 @@ PRINTER = (
 
 @pytest.fixture
 def base() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="fh-br-", dir="/tmp"))
-    path.chmod(0o711)
-    yield path
-    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
-    for mount in reversed([m for m in mounts if m.startswith(f"{path}/")]):
-        subprocess.run(["umount", "-l", mount], check=False)
-    shutil.rmtree(path, ignore_errors=True)
+    yield from scratch_dir("fh-br-")
 
 
 async def make_sandbox(base: Path, restarts: int) -> AsyncIterator[BwrapRunnerSandbox]:

@@ -3,42 +3,24 @@ there in the socket's place, the host never follows it to another socket."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from bwrap_support import NEEDS_BWRAP, scratch_dir
 
 from forgehand.runner import errors as runner_errors
 from forgehand.runner.model import RunSpec
-from forgehand.sandbox import cgroups
 from forgehand.sandbox.bwrap_backend import RUNNER_SOCKET, BwrapBackend, BwrapBackendConfig
 from forgehand.sandbox.spec import SandboxSpec
 
-pytestmark = [
-    pytest.mark.needs_root,
-    pytest.mark.skipif(shutil.which("bwrap") is None, reason="install the `bubblewrap` package"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: cgroups and tmpfs mounts"),
-    pytest.mark.skipif(
-        len(cgroups.detect_hierarchies()) < len(cgroups.Controller),
-        reason="needs memory, pids and cpu cgroup controllers",
-    ),
-]
+pytestmark = NEEDS_BWRAP
 
 
 @pytest.fixture
 def base() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="fh-bs-", dir="/tmp"))
-    path.chmod(0o711)
-    yield path
-    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
-    for mount in reversed([m for m in mounts if m.startswith(f"{path}/")]):
-        subprocess.run(["umount", "-l", mount], check=False)
-    shutil.rmtree(path, ignore_errors=True)
+    yield from scratch_dir("fh-bs-")
 
 
 @pytest.fixture
