@@ -96,8 +96,14 @@ def test_bench_sandbox_prints_one_json_object() -> None:
     assert set(result) == {"host_spawn_ms", "backends", "density"}
     assert set(result["host_spawn_ms"]) == {"p50", "p99"}
     bwrap = result["backends"]["bwrap"]
-    assert set(bwrap) == {"start_ms", "cold_start_ms", "idle_pss_mb"}
+    assert set(bwrap) == {
+        "start_ms",
+        "cold_start_ms",
+        "idle_pss_mb",
+        "idle_pss_alone_mb",
+    }
     assert set(bwrap["start_ms"]) == set(bwrap["cold_start_ms"]) == {"p50", "p99"}
     assert bwrap["idle_pss_mb"] > 0
+    assert bwrap["idle_pss_alone_mb"] > 0
     assert set(result["density"]) == {"backend", "started", "seconds", "total_pss_mb"}
     assert 1 <= result["density"]["started"] <= 2

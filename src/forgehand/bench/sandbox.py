@@ -9,7 +9,13 @@ Measured in one run, next to the host's own plain spawn of ``true``:
   that exists because of one idle sandbox (``member_pids``), runner included: bwrap its
   cgroup; gVisor the subreaper, runsc's sandbox, gofer and stub processes and the host's
   ``runsc exec`` channel; podman the subreaper, conmon and the container's processes (no
-  host-side podman process stays). Null when the backend cannot list them.
+  host-side podman process stays). Processes that share one address space (gVisor's stubs)
+  count once. Measured on a sandbox from the warm pool, while the pool holds
+  ``pool_size`` more: pages of shared files (libpython, gRPC's library) are split among
+  every process that maps them, the others' runners included, as on a host that keeps
+  sandboxes warm. Null when the backend cannot list the processes.
+- ``idle_pss_alone_mb``: the same, of a sandbox with no other sandbox running (the first
+  cold start's): it carries a bigger share of those file pages.
 - ``density``: idle sandboxes of the default backend started four at a time until 30 s,
   16 GiB of PSS or ``density_max``; how many, how long, and their total PSS.
 
@@ -28,6 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from forgehand.runner.model import RunSpec
+from forgehand.sandbox import procs
 from forgehand.sandbox.backend import Sandbox, SandboxBackend, choose_backend, load_backends
 from forgehand.sandbox.errors import SandboxError
 from forgehand.sandbox.pool import SandboxPool
@@ -69,9 +76,10 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 def pss_bytes(pids: set[int]) -> int:
-    """Summed PSS of ``pids``; processes that vanished count 0."""
+    """Summed PSS of the distinct address spaces of ``pids``; processes that vanished
+    count 0."""
     total = 0
-    for pid in pids:
+    for pid in procs.address_spaces(pids):
         try:
             text = Path(f"/proc/{pid}/smaps_rollup").read_text()
         except OSError:
@@ -89,6 +97,10 @@ async def sandbox_pss(sandbox: Sandbox) -> int | None:
         return None
     pids = await sandbox.member_pids()
     return await asyncio.to_thread(pss_bytes, pids)
+
+
+def _mb(size: int | None) -> float | None:
+    return None if size is None else round(size / MIB, 1)
 
 
 def bench_spec(work_dir: Path) -> SandboxSpec:
@@ -116,16 +128,22 @@ async def host_spawn_ms(runs: int) -> list[float]:
     return samples
 
 
-async def cold_start_ms(backend: SandboxBackend, work_root: Path, runs: int) -> list[float]:
-    """``create`` → ``true`` has run through the runner; destroy is not counted."""
+async def cold_start_ms(
+    backend: SandboxBackend, work_root: Path, runs: int
+) -> tuple[list[float], int | None]:
+    """``create`` → ``true`` has run through the runner; destroy is not counted. Also the
+    PSS of the first sandbox, measured after its sample, while it is the only one."""
     samples = []
+    alone: int | None = None
     for _ in range(runs):
         spec = bench_spec(work_root / uuid.uuid4().hex[:12])
         started = time.perf_counter()
         async with backend.create(spec) as sandbox:
             await sandbox.client.run(TRUE)
             samples.append(_ms_since(started))
-    return samples
+            if len(samples) == 1:
+                alone = await sandbox_pss(sandbox)
+    return samples, alone
 
 
 async def warm_start_ms(
@@ -179,7 +197,7 @@ async def density(
         "backend": backend.name,
         "started": state["count"],
         "seconds": round(seconds, 2),
-        "total_pss_mb": round(state["pss"] / MIB, 1),
+        "total_pss_mb": _mb(state["pss"]),
     }
 
 
@@ -187,11 +205,12 @@ async def bench_backend(
     backend: SandboxBackend, work_root: Path, options: BenchOptions
 ) -> dict[str, Any]:
     warm, idle = await warm_start_ms(backend, work_root, options)
-    cold = await cold_start_ms(backend, work_root, options.runs)
+    cold, alone = await cold_start_ms(backend, work_root, options.runs)
     return {
         "start_ms": percentiles(warm),
         "cold_start_ms": percentiles(cold),
-        "idle_pss_mb": None if idle is None else round(idle / MIB, 1),
+        "idle_pss_mb": _mb(idle),
+        "idle_pss_alone_mb": _mb(alone),
     }
 
 

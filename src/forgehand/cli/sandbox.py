@@ -172,6 +172,8 @@ def _report_failure(backend: SandboxBackend, action: str, exc: Exception) -> int
 
 
 def _doctor(_args: argparse.Namespace) -> int:
+    from forgehand.sandbox import rootfs
+
     usable = 0
     for name, factory in load_backends().items():
         try:
@@ -182,6 +184,14 @@ def _doctor(_args: argparse.Namespace) -> int:
         usable += status.available
         verdict = "available" if status.available else "missing  "
         print(f"{name:8} {verdict}  isolation={status.isolation}  {status.detail}")
+    compiled = rootfs.compiled_subreaper()
+    if compiled is not None:
+        print(f"subreaper compiled   {compiled}")
+    else:
+        print(
+            "subreaper script     the gvisor and podman sandboxes use the Python subreaper "
+            "(about 4 MB more each): run scripts/setup on a machine with a C compiler"
+        )
     if not usable:
         print("no sandbox backend works here: install `bubblewrap` (and run as root)")
     return 0 if usable else 1

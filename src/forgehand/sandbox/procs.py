@@ -9,13 +9,18 @@ process. All blocking: call it through ``asyncio.to_thread``.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import select
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 PROC = Path("/proc")
+KCMP_VM = 1
+KCMP_SYSCALL = {"x86_64": 312, "aarch64": 272}
+"""``kcmp``'s syscall number per machine (Python has no wrapper for it)."""
 
 
 @dataclass(frozen=True)
@@ -123,3 +128,21 @@ def pidfd_if(pid: int, belongs: Callable[[int], bool]) -> int | None:
         pass
     os.close(pidfd)
     return None
+
+
+def address_spaces(pids: Iterable[int]) -> list[int]:
+    """One pid per distinct address space among ``pids`` (the lowest of each).
+
+    Processes made with ``clone(CLONE_VM)`` but no ``CLONE_THREAD`` (gVisor's systrap stub
+    processes) are separate pids that share one memory map, and each one's
+    ``smaps_rollup`` shows all of it: summing them counts the same pages twice. Pids that
+    ``kcmp`` cannot compare (another machine, no permission, gone) count as distinct."""
+    number = KCMP_SYSCALL.get(platform.machine())
+    distinct: list[int] = []
+    if number is None:
+        return sorted(set(pids))
+    syscall = ctypes.CDLL(None, use_errno=True).syscall
+    for pid in sorted(set(pids)):
+        if not any(syscall(number, seen, pid, KCMP_VM, 0, 0) == 0 for seen in distinct):
+            distinct.append(pid)
+    return distinct
