@@ -14,7 +14,7 @@ import pytest
 
 from forgehand.runner.model import Exited, Output, RunSpec
 from forgehand.sandbox.backend import SandboxBackend
-from forgehand.sandbox.gvisor import GVisorBackend, GVisorConfig
+from forgehand.sandbox.gvisor import GVisorBackend, GVisorConfig, GVisorSandbox
 from forgehand.sandbox.podman import PodmanBackend, PodmanConfig
 from forgehand.sandbox.rootfs import is_mount_point
 from forgehand.sandbox.spec import SandboxSpec
@@ -39,6 +39,10 @@ def _backends() -> list[object]:
     params = []
     for name, make in (
         ("gvisor", lambda state: GVisorBackend(GVisorConfig(state_dir=state))),
+        (
+            "gvisor-exec",
+            lambda state: GVisorBackend(GVisorConfig(state_dir=state, runner_channel="exec")),
+        ),
         ("podman", lambda state: PodmanBackend(PodmanConfig(state_dir=state))),
     ):
         status = make(Path("/nonexistent")).availability()
@@ -86,3 +90,6 @@ async def test_a_killed_daemon_is_restarted_and_runs_survive(base: Path, make: o
         assert after.ok
         assert len(after.stdout.split()) == 1
         assert after.stdout.split() != killed  # a new daemon serves
+        if isinstance(sandbox, GVisorSandbox):  # the restarted daemon's socket was pinned
+            exec_only = sandbox.config.runner_channel == "exec"
+            assert sandbox.channel == ("exec" if exec_only else "socket")

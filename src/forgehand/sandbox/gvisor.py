@@ -5,15 +5,39 @@
         result = await sandbox.run(["pytest", "-q"])
         sandbox.ended                                     # None, or why it ended (oom …)
 
-The host reaches the runner through ``runsc exec … forgehand-runner proxy`` (an exec
-channel). A socket the host could dial directly would have to be created inside gVisor
-and be visible on the host, which takes ``--host-uds=create``: a wider power than the
-sandbox has today, so the exec channel stays. Host side, under
-``<state_dir>/<sandbox-id>/``: ``record.json`` (the registry), ``bundle/`` (config.json
-and the read-only rootfs, see ``forgehand.sandbox.rootfs``), ``runner.log`` and, with
-``network: proxy``, ``egress/`` (the proxy's socket, mounted at
-``/opt/forgehand/egress.sock``, and its decision log, mounted read-only at
-``runs.EGRESS_LOG``; runsc runs with ``--network none --host-uds=open``).
+**How the host reaches the runner.** The runner listens on
+``/run/forgehand/sock/runner.sock`` (and its direct attach channel, ``….direct``), a
+directory bind-mounted from ``<state_dir>/<id>/sock``: a tiny host tmpfs, mode 0700, fresh
+per sandbox. runsc runs with ``--host-uds=create`` (``all`` with ``network: proxy``, whose
+egress socket needs ``open``), so the gofer binds the runner's sockets on the host, owned
+by the binding process's uid and gid (1000:1000). The host dials them through
+``sockets.PinnedSocketConnector`` (``O_PATH|O_NOFOLLOW``, a socket of uid 1000 only), as
+for podman; no host process stays per connection. Why that is safe:
+
+- ``create`` lets the sandbox *bind* sockets in host-backed mounts it can write, nothing
+  more: those are the socket dir and the work dir (a socket made there is a file the host
+  never dials). It gives no ``connect`` to host sockets: that is ``open``, granted only
+  with the egress proxy, and then only to sockets inside the sandbox's own mounts (its
+  proxy's, its own, any in the spec's ``ro_mounts``). Nothing of another sandbox or of
+  ``/run`` is mounted.
+- The sandbox can swap its socket for a symlink to a host socket: the pin refuses it.
+- The gofer serves bind mounts from its own mount namespace, where runsc leaves the
+  ``ro`` ones writable, and in gVisor's source its bind request, unlike its other writes,
+  does not check for a read-only mount: only the Sentry would stop a socket made in the host's
+  ``/usr``. So each read-only source is bound through a view made read-only in the host
+  kernel (``readonly_views``, under ``ro/``), and a compromised Sentry cannot do it
+  either.
+- Where runsc has no ``--host-uds=create`` (``runner_channel: auto``, with a log line) or
+  ``runner_channel: exec`` asks for it, the host uses the exec channel instead: one
+  ``runsc exec … forgehand-runner proxy`` per connection to the runner's socket, which
+  then stays inside gVisor (``/run/forgehand/runner.sock``).
+
+Host side, under ``<state_dir>/<sandbox-id>/``: ``record.json`` (the registry),
+``bundle/`` (config.json and the read-only rootfs, see ``forgehand.sandbox.rootfs``),
+``ro/`` (the read-only views), ``sock/``, ``runner.log`` and, with ``network: proxy``,
+``egress/`` (the proxy's socket, mounted at ``/opt/forgehand/egress.sock``, and its
+decision log, mounted read-only at ``runs.EGRESS_LOG``; runsc runs with ``--network
+none``).
 
 ``runsc run --detach`` daemonizes the sandbox and gofer processes; it runs under a
 ``subreaper`` of ours, which reaps them and gVisor's systrap stubs when the sandbox is
@@ -32,13 +56,15 @@ Runs get the wall time as their timeout; the sandbox ends (``timeout``) a little
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -48,7 +74,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from forgehand.runner import errors as runner_errors
 from forgehand.runner.client import RunnerClient
 from forgehand.runner.model import ExitReason, RunResult, RunSpec
-from forgehand.sandbox import cgroups, procs, rootfs
+from forgehand.sandbox import cgroups, procs, readonly_views, rootfs
 from forgehand.sandbox.backend import (
     ISOLATION_RANK,
     Achieved,
@@ -71,6 +97,7 @@ from forgehand.sandbox.registry import (
 )
 from forgehand.sandbox.rootfs import SandboxEnd, SandboxState
 from forgehand.sandbox.runs import run_environment, run_spec
+from forgehand.sandbox.sockets import PinnedSocketConnector
 from forgehand.sandbox.spec import (
     ByteSize,
     IsolationLevel,
@@ -80,6 +107,7 @@ from forgehand.sandbox.spec import (
     SandboxSpec,
 )
 
+log = logging.getLogger(__name__)
 NAME = "gvisor"
 DEFAULT_RUNSC_ROOT = Path("/run/forgehand/runsc")
 FIRST_GOOD_RELEASE = 20230101
@@ -89,7 +117,11 @@ INSTALL_HINT = (
     "/etc/apt/sources.list.d/ and run `apt-get install -t bookworm-backports runsc`"
 )
 BOOT_PIDS = 256
+VIEWS = "ro"
 _RELEASE_RE = re.compile(r"(\d{8})")
+# `runsc flags`: "  -host-uds value\n    \tcontrols … Values: none|open|create|all, …"
+_HOST_UDS_RE = re.compile(r"^\s*-+host-uds\b[^\n]*\n[^\n]*?Values: ([a-z|]+)", re.MULTILINE)
+Channel = Literal["socket", "exec"]
 
 
 class GVisorConfig(BaseModel):
@@ -123,6 +155,11 @@ class GVisorConfig(BaseModel):
     """TESTING ONLY: lets the egress proxy reach loopback servers."""
     reap_timeout_seconds: float = Field(default=10.0, gt=0)
     """How long destroy waits for the sandbox's processes to be reaped after deletion."""
+    runner_channel: Literal["auto", "socket", "exec"] = "auto"
+    """How the host reaches the runner: ``socket``, the runner's own unix socket in a
+    per-sandbox host directory (needs runsc's ``--host-uds=create``); ``exec``, one
+    ``runsc exec … forgehand-runner proxy`` per connection; ``auto``, the socket where
+    runsc offers it, else the exec channel (with a log line)."""
 
 
 def runsc_release(runsc: str) -> tuple[str, int | None]:
@@ -134,6 +171,40 @@ def runsc_release(runsc: str) -> tuple[str, int | None]:
     line = done.stdout.splitlines()[0] if done.stdout else done.stderr.strip()
     match = _RELEASE_RE.search(line)
     return line, int(match.group(1)) if match else None
+
+
+def host_uds_modes(runsc: str) -> frozenset[str]:
+    """The values runsc's ``--host-uds`` flag takes (none if it has no such flag) (blocking)."""
+    try:
+        info = os.stat(runsc)
+    except OSError:
+        return frozenset()
+    return _host_uds_modes(runsc, info.st_ino, info.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _host_uds_modes(runsc: str, _inode: int, _mtime: int) -> frozenset[str]:
+    try:
+        done = subprocess.run([runsc, "flags"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return frozenset()
+    match = _HOST_UDS_RE.search(done.stdout + done.stderr)
+    return frozenset(match.group(1).split("|")) if match else frozenset()
+
+
+def choose_channel(config: GVisorConfig) -> Channel:
+    """How the host will reach the runner (``GVisorConfig.runner_channel``) (blocking)."""
+    runsc = shutil.which(config.runsc) or config.runsc
+    if config.runner_channel == "exec":
+        return "exec"
+    if "create" in host_uds_modes(runsc):
+        return "socket"
+    if config.runner_channel == "socket":
+        raise BackendUnavailable(
+            f"{runsc} has no `--host-uds=create`, which the runner's socket needs: "
+            f"{INSTALL_HINT}, or set runner_channel: exec"
+        )
+    return "exec"
 
 
 def check_host(config: GVisorConfig) -> str:
@@ -150,7 +221,8 @@ def check_host(config: GVisorConfig) -> str:
         raise BackendUnavailable("the gvisor backend needs root (runsc, cgroups, work dir tmpfs)")
     cgroups.require_hierarchies(cgroups.detect_hierarchies())
     rootfs.RunnerInstall.current().check()
-    return f"{path} ({line}), platform {config.platform}"
+    channel = choose_channel(config)
+    return f"{path} ({line}), platform {config.platform}, runner over {channel}"
 
 
 def check_spec(spec: SandboxSpec) -> None:
@@ -176,6 +248,15 @@ def mount_points(spec: SandboxSpec) -> list[PurePosixPath]:
     return points
 
 
+def read_only_sources(spec: SandboxSpec, egress: EgressProxy | None) -> list[Path]:
+    """Every host path the bundle binds read-only, once each."""
+    sources = [*rootfs.host_binds(), *(s for s, _ in rootfs.RunnerInstall.current().mounts())]
+    sources += [m.source for m in spec.ro_mounts]
+    if egress is not None:
+        sources += [src for src, _, writable in rootfs.egress_mounts(egress) if not writable]
+    return list(dict.fromkeys(sources))
+
+
 def _bind(source: Path, target: PurePosixPath | Path, *, writable: bool = False) -> dict[str, Any]:
     options = ["rbind", "rw" if writable else "ro"]
     return {"destination": str(target), "type": "bind", "source": str(source), "options": options}
@@ -187,34 +268,49 @@ def _tmpfs(target: str, size: int, mode: str) -> dict[str, Any]:
 
 
 def oci_mounts(
-    spec: SandboxSpec, config: GVisorConfig, egress: EgressProxy | None
+    spec: SandboxSpec,
+    config: GVisorConfig,
+    egress: EgressProxy | None,
+    views: Mapping[Path, Path],
+    sock_dir: Path | None,
 ) -> list[dict[str, Any]]:
-    """The bundle's mounts: system, runner, scratch, work dir, extra and egress."""
+    """The bundle's mounts: system, runner, scratch, work dir, extra, egress and the
+    runner's socket dir (``sock_dir``, the socket channel). Each read-only source is bound
+    through its read-only view (``views``, see ``readonly_views``)."""
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
         _tmpfs("/tmp", spec.limits.disk_bytes, "1777"),
         _tmpfs(str(rootfs.RUN_DIR.parent), config.runner_state_bytes, "1777"),
     ]
-    mounts += [_bind(path, path) for path in rootfs.host_binds()]
-    mounts += [_bind(src, dst) for src, dst in rootfs.RunnerInstall.current().mounts()]
+    mounts += [_bind(views[path], path) for path in rootfs.host_binds()]
+    mounts += [_bind(views[src], dst) for src, dst in rootfs.RunnerInstall.current().mounts()]
     mounts.append(_bind(spec.work_dir.host_path, spec.work_dir.sandbox_path, writable=True))
-    mounts += [_bind(m.source, m.destination) for m in spec.ro_mounts]
-    if egress is not None:
-        mounts += [_bind(src, dst, writable=w) for src, dst, w in rootfs.egress_mounts(egress)]
+    mounts += [_bind(views[m.source], m.destination) for m in spec.ro_mounts]
+    for src, dst, writable in rootfs.egress_mounts(egress) if egress is not None else ():
+        mounts.append(_bind(src, dst, writable=True) if writable else _bind(views[src], dst))
+    if sock_dir is not None:
+        mounts.append(_bind(sock_dir, rootfs.SOCK_DIR, writable=True))
     return mounts
 
 
 def oci_config(
-    spec: SandboxSpec, config: GVisorConfig, cgroup_path: str, egress: EgressProxy | None
+    spec: SandboxSpec,
+    config: GVisorConfig,
+    cgroup_path: str,
+    egress: EgressProxy | None,
+    views: Mapping[Path, Path],
+    sock_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """The bundle's config.json: the runner as an unprivileged user, no capabilities."""
+    """The bundle's config.json: the runner as an unprivileged user, no capabilities. With
+    ``sock_dir`` the runner listens there (the socket channel), else inside gVisor only."""
     env = rootfs.runner_env(spec)
+    socket = rootfs.RUNNER_SOCKET if sock_dir is None else rootfs.SHARED_SOCKET
     return {
         "ociVersion": "1.0.2",
         "process": {
             "user": {"uid": rootfs.SANDBOX_UID, "gid": rootfs.SANDBOX_GID},
-            "args": rootfs.serve_argv(spec),
+            "args": rootfs.serve_argv(spec, socket=socket),
             "env": [f"{k}={v}" for k, v in env.items()],
             "cwd": "/",
             "capabilities": {k: [] for k in ("bounding", "effective", "permitted")},
@@ -223,7 +319,7 @@ def oci_config(
         },
         "root": {"path": "rootfs", "readonly": True},
         "hostname": "sandbox",
-        "mounts": oci_mounts(spec, config, egress),
+        "mounts": oci_mounts(spec, config, egress, views, sock_dir),
         "linux": {
             "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
             "resources": {"memory": {"limit": spec.limits.memory_bytes}},
@@ -245,7 +341,11 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         self._id = f"forgehand-{uuid.uuid4().hex[:12]}"
         self._registry = Registry(config.state_dir)
         self._dir = self._registry.directory(self._id)
-        self._client = rootfs.exec_client(self._exec_argv(rootfs.proxy_argv()))
+        self._sock_dir = self._dir / "sock"
+        self._sock_mounted = False
+        self._views: dict[Path, Path] = {}
+        self._channel: Channel = "exec" if config.runner_channel == "exec" else "socket"
+        self._client = self._make_client()
         self._group: CgroupGroup | None = None
         self._proxy: EgressProxy | None = None
         self._achieved: Achieved | None = None
@@ -311,10 +411,17 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         self._require(SandboxState.READY, "run in")
         return await self._client.run(self.run_spec(argv, **fields))
 
+    @property
+    def channel(self) -> Channel:
+        """How the host reaches the runner: ``socket`` (pinned, direct attach) or ``exec``."""
+        return self._channel
+
     async def member_pids(self) -> set[int]:
         """Every host process that exists because of this sandbox: the subreaper and what
-        it holds (runsc's sandbox, gofer and systrap stub processes), and this process's
-        runsc helpers for it (the exec channels of the runner client, ``runsc wait``)."""
+        it holds (runsc's sandbox, gofer and systrap stub processes), and any runsc command
+        this process is running for it (``runsc wait`` once it stopped; on the exec channel
+        one ``runsc exec`` per open connection). On the socket channel an idle sandbox has
+        no helper process of this one."""
         return await rootfs.blocking(self._member_pids)
 
     def _member_pids(self) -> set[int]:
@@ -331,19 +438,41 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         group = self._group
         return group is not None and await rootfs.blocking(group.oom_kills) > 0
 
+    def _make_client(self) -> RunnerClient:
+        if self._channel == "exec":
+            return rootfs.exec_client(self._exec_argv(rootfs.proxy_argv()))
+        # The sandbox can write sock/ (its runner binds there): never follow what it puts
+        # there. The gofer makes the socket file owned by the binding process's uid.
+        socket = self._sock_dir / rootfs.SHARED_SOCKET.name
+        return RunnerClient.connect(PinnedSocketConnector(socket, rootfs.SANDBOX_UID))
+
     async def _launch(self) -> None:
         check_spec(self.spec)
         await rootfs.blocking(check_host, self.config)
+        channel = await rootfs.blocking(choose_channel, self.config)
+        if channel != self._channel:
+            log.warning(
+                "%s has no --host-uds=create: gvisor sandbox %s reaches its runner through "
+                "`runsc exec` (slower, a host process per connection)",
+                self.config.runsc,
+                self._id,
+            )
+            self._channel = channel
+            self._client = self._make_client()
         self._work_made = not await rootfs.blocking(self.work_dir.exists)
         entry = own_entry(NAME, self._id, self.work_dir, self._work_made)
         await rootfs.blocking(self._registry.add, entry)
         await self._make_cgroup()
+        if self._channel == "socket":
+            await rootfs.mount_sock_dir(self._sock_dir)
+            self._sock_mounted = True
         await rootfs.mount_work_dir(self.work_dir, self.spec.work_dir_bytes)
         self._work_mounted = True
         if isinstance(self.spec.network, ProxyNetwork):
             self._proxy = await rootfs.start_egress(
                 self._dir, self.spec.network, self.config, self._resolver
             )
+        await rootfs.blocking(self._make_views)
         await rootfs.blocking(self._write_bundle)
         await self._run_sandbox()
         await self._wait_ready()
@@ -363,20 +492,30 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         )
         self._pids_events_before = await rootfs.blocking(_pids_events, self._group)
 
+    def _make_views(self) -> None:
+        """A read-only view of each read-only source under ``ro/``, for the bundle."""
+        views = self._dir / VIEWS
+        views.mkdir(mode=0o700)
+        for index, source in enumerate(read_only_sources(self.spec, self._proxy)):
+            self._views[source] = views / str(index)
+            readonly_views.bind_read_only(source, views / str(index))
+
     def _write_bundle(self) -> None:
         assert self._group is not None
         bundle = self._dir / "bundle"
         bundle.mkdir(mode=0o711)
         rootfs.prepare_rootfs(bundle / "rootfs", self.spec, mount_points(self.spec))
         cgroup_path = f"/{cgroups.PARENT}/{self._group.name}"
-        config = oci_config(self.spec, self.config, cgroup_path, self._proxy)
+        sock_dir = self._sock_dir if self._channel == "socket" else None
+        config = oci_config(self.spec, self.config, cgroup_path, self._proxy, self._views, sock_dir)
         (bundle / "config.json").write_text(json.dumps(config, indent=1))
 
     def _runsc(self, *arguments: str) -> list[str]:
         base = [self.config.runsc, "--root", str(self.config.runsc_root)]
         base += ["--platform", self.config.platform, "--network", "none", "--overlay2", "none"]
-        if self._proxy is not None:
-            base.append("--host-uds=open")
+        uds = host_uds(connect=self._proxy is not None, create=self._channel == "socket")
+        if uds != "none":
+            base.append(f"--host-uds={uds}")
         return [*base, *arguments]
 
     def _exec_argv(self, command: list[str]) -> list[str]:
@@ -513,9 +652,14 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         steps: list[Callable[[], Awaitable[None]]] = [
             self._stop_watcher,
             self._client.close,
+            # Even if the client was closed and then used again: its channel and the
+            # pinned socket go before the socket's tmpfs is unmounted.
+            self._client.transport.close,
             self._delete_sandbox,
             self._await_reaper,
             self._remove_cgroup,
+            self._release_views,
+            self._unmount_sock,
             self._unmount_work,
             self._stop_proxy,
         ]
@@ -535,6 +679,16 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         if self._group is not None:
             await rootfs.blocking(self._group.remove)
             self._group = None
+
+    async def _release_views(self) -> None:
+        if self._views:
+            await rootfs.blocking(readonly_views.release_below, self._dir / VIEWS)
+            self._views.clear()
+
+    async def _unmount_sock(self) -> None:
+        if self._sock_mounted:
+            await rootfs.unmount_sock_dir(self._sock_dir)
+            self._sock_mounted = False
 
     async def _unmount_work(self) -> None:
         if self._work_mounted:
@@ -574,13 +728,27 @@ class GVisorBackend(rootfs.ManagedBackend[GVisorConfig, GVisorSandbox]):
 
 
 async def reap_entry(config: GVisorConfig, registry: Registry, entry: Entry) -> None:
-    """Remove what a dead owner left: runsc container, cgroup, work dir mount, state dir."""
+    """Remove what a dead owner left: runsc container, cgroup, socket and work dir mounts,
+    state dir."""
     await delete_runsc(config, entry.sandbox_id)
     name = f"{entry.sandbox_id}.{entry.owner_pid}-{entry.owner_start}"
     group = CgroupGroup(name, cgroups.detect_hierarchies())
     await rootfs.blocking(group.remove)
+    await rootfs.blocking(
+        readonly_views.release_below, registry.directory(entry.sandbox_id) / VIEWS
+    )
+    await rootfs.unmount_sock_dir(registry.directory(entry.sandbox_id) / "sock")
     await rootfs.unmount_work_dir(Path(entry.work_dir), entry.work_dir_made)
     await rootfs.blocking(registry.remove, entry.sandbox_id)
+
+
+def host_uds(*, connect: bool, create: bool) -> str:
+    """runsc's ``--host-uds`` value: ``open`` lets the sandbox connect to host sockets in its
+    host-backed mounts (the egress proxy's), ``create`` lets it bind sockets there that the
+    host sees (the runner's); ``all`` is both."""
+    return {(False, False): "none", (True, False): "open", (False, True): "create"}.get(
+        (connect, create), "all"
+    )
 
 
 def _pids_events(group: CgroupGroup) -> int:

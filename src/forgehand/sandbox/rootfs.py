@@ -6,8 +6,9 @@ and generated ``passwd``/``group``/``hosts``. It is mounted read-only; /usr, the
 the forgehand source come in as read-only bind mounts. Layout inside the sandbox::
 
     /opt/forgehand/venv, /opt/forgehand/src   the runner's interpreter and package (ro)
-    /run/forgehand/runner.sock                  the runner's socket (gVisor: reached by exec)
-    /run/forgehand/sock/runner.sock             podman: the runner's socket, in a host dir
+    /run/forgehand/runner.sock                  the runner's socket, when reached by exec
+    /run/forgehand/sock/runner.sock             the runner's socket, in a host dir (podman;
+                                                gVisor unless its runsc lacks host-uds)
     /run/forgehand/state/                       the runner's journals (tmpfs)
     /opt/forgehand/egress.sock                  the egress proxy's socket (network: proxy)
 
