@@ -3,12 +3,12 @@ there in the socket's place, the host never follows it to another socket."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from bwrap_support import NEEDS_BWRAP, scratch_dir
+from sandbox_support import decoy_socket
 
 from forgehand.runner import errors as runner_errors
 from forgehand.runner.model import RunSpec
@@ -25,16 +25,7 @@ def base() -> Iterator[Path]:
 
 @pytest.fixture
 def decoy(base: Path) -> Iterator[Path]:
-    """A host socket a sandbox would like the host to connect to; it never gets a
-    connection."""
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(str(base / "decoy.sock"))
-    listener.listen()
-    yield base / "decoy.sock"
-    listener.setblocking(False)
-    with pytest.raises(BlockingIOError):
-        listener.accept()
-    listener.close()
+    yield from decoy_socket(base / "decoy.sock")
 
 
 async def test_a_symlink_put_in_place_of_the_runner_socket_is_not_followed(

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sandbox_support import needs_backend, rollup_pss
 
+from forgehand.bench.sandbox import pss_bytes
 from forgehand.runner import errors as runner_errors
 from forgehand.runner.model import ExitReason, RunSpec
 from forgehand.sandbox import cgroups, procs
@@ -33,21 +35,7 @@ from forgehand.sandbox.gvisor import (
 from forgehand.sandbox.rootfs import is_mount_point
 from forgehand.sandbox.spec import SandboxSpec
 
-
-def _unavailable() -> str:
-    try:
-        check_host(GVisorConfig())
-    except Exception as exc:
-        return str(exc)
-    return ""
-
-
-REASON = _unavailable()
-pytestmark = [
-    pytest.mark.needs_root,
-    pytest.mark.slow,
-    pytest.mark.skipif(bool(REASON), reason=f"gvisor unavailable: {REASON}"),
-]
+pytestmark = needs_backend("gvisor", lambda: check_host(GVisorConfig()))
 
 
 @pytest.fixture
@@ -312,3 +300,16 @@ async def test_a_cancelled_start_leaves_nothing_behind(base: Path, delay: float)
     assert sandbox.state in (SandboxState.FAILED, SandboxState.DESTROYED)
     await asyncio.sleep(0.5)  # a racing thread would have written by now
     assert not state.exists() or list(state.iterdir()) == []
+
+
+async def test_stub_processes_that_share_an_address_space_are_counted_once(base: Path) -> None:
+    """systrap's stub processes are separate pids sharing one memory map: summing their
+    ``smaps_rollup`` would count those pages once per pid (the bench's ``pss_bytes``)."""
+    async with GVisorBackend().create(make_spec(base)) as sandbox:
+        await sandbox.client.run(RunSpec(argv=("true",), env={"PATH": "/usr/bin:/bin"}))
+        pids = await sandbox.member_pids()
+        spaces = procs.address_spaces(pids)
+        assert len(spaces) < len(pids), "systrap shares address spaces between stubs"
+        shared = set(pids) - set(spaces)  # each one's pages are already counted
+        naive = sum(rollup_pss(pid) for pid in pids)
+        assert pss_bytes(pids) < naive - sum(rollup_pss(pid) for pid in shared) / 2

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from bwrap_support import scratch_dir
+from sandbox_support import decoy_socket, needs_backend
 
 from forgehand.runner import errors as runner_errors
 from forgehand.runner.client import ExecConnector
@@ -36,21 +37,7 @@ from forgehand.sandbox.readonly_views import is_read_only
 from forgehand.sandbox.sockets import PinnedSocketConnector
 from forgehand.sandbox.spec import SandboxSpec
 
-
-def _unavailable() -> str:
-    try:
-        check_host(GVisorConfig())
-    except Exception as exc:
-        return str(exc)
-    return ""
-
-
-REASON = _unavailable()
-pytestmark = [
-    pytest.mark.needs_root,
-    pytest.mark.slow,
-    pytest.mark.skipif(bool(REASON), reason=f"gvisor unavailable: {REASON}"),
-]
+pytestmark = needs_backend("gvisor", lambda: check_host(GVisorConfig()))
 SOCKET = f"{rootfs.SHARED_SOCKET}"
 CONNECT = """
     import json, socket, sys
@@ -85,16 +72,7 @@ def base() -> Iterator[Path]:
 
 @pytest.fixture
 def decoy(base: Path) -> Iterator[Path]:
-    """A host socket anyone may connect to; no sandbox ever gets a connection to it."""
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(str(base / "decoy.sock"))
-    os.chmod(base / "decoy.sock", 0o777)
-    listener.listen()
-    yield base / "decoy.sock"
-    listener.setblocking(False)
-    with pytest.raises(BlockingIOError):
-        listener.accept()
-    listener.close()
+    yield from decoy_socket(base / "decoy.sock")
 
 
 def make_spec(base: Path, name: str = "work", **extra: Any) -> SandboxSpec:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sandbox_support import needs_backend
 
 from forgehand.runner import errors as runner_errors
 from forgehand.runner.client import RunnerClient
@@ -29,21 +30,7 @@ from forgehand.sandbox.rootfs import SANDBOX_UID, is_mount_point
 from forgehand.sandbox.sockets import PinnedSocketConnector
 from forgehand.sandbox.spec import SandboxSpec
 
-
-def _unavailable() -> str:
-    try:
-        check_host(PodmanConfig())
-    except Exception as exc:
-        return str(exc)
-    return ""
-
-
-REASON = _unavailable()
-pytestmark = [
-    pytest.mark.needs_root,
-    pytest.mark.slow,
-    pytest.mark.skipif(bool(REASON), reason=f"podman unavailable: {REASON}"),
-]
+pytestmark = needs_backend("podman", lambda: check_host(PodmanConfig()))
 
 
 @pytest.fixture

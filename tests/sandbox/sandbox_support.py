@@ -1,0 +1,48 @@
+"""What the tests that start real OCI sandboxes (gVisor, podman) share: when they can run,
+a decoy socket that must never be connected to, and one process's PSS."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+
+def needs_backend(name: str, check_host: Callable[[], object]) -> list[pytest.MarkDecorator]:
+    """Marks for a module of real ``name`` sandboxes: root, slow, and skipped with the
+    reason ``check_host`` raises when the backend cannot run here."""
+    try:
+        check_host()
+        reason = ""
+    except Exception as exc:
+        reason = str(exc)
+    return [
+        pytest.mark.needs_root,
+        pytest.mark.slow,
+        pytest.mark.skipif(bool(reason), reason=f"{name} unavailable: {reason}"),
+    ]
+
+
+def decoy_socket(path: Path) -> Iterator[Path]:
+    """A fixture body: a listening host socket at ``path`` that anyone may connect to; after
+    the test it must have no connection waiting (nobody, host or sandbox, reached it)."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    os.chmod(path, 0o777)
+    listener.listen()
+    yield path
+    listener.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        listener.accept()
+    listener.close()
+
+
+def rollup_pss(pid: int) -> int:
+    """One process's PSS in bytes, as ``/proc/<pid>/smaps_rollup`` shows it."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no Pss line for {pid}")
