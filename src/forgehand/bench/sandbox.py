@@ -7,13 +7,14 @@ Measured in one run, next to the host's own plain spawn of ``true``:
   ``create`` (bwrap, cgroup, runner start and readiness included). p50 and p99.
 - ``idle_pss_mb``: PSS (``/proc/<pid>/smaps_rollup``) summed over every host process
   that exists because of one idle sandbox (``member_pids``), runner included: bwrap its
-  cgroup; gVisor the subreaper, runsc's sandbox, gofer and stub processes and the host's
-  ``runsc exec`` channel; podman the subreaper, conmon and the container's processes (no
-  host-side podman process stays). Processes that share one address space (gVisor's stubs)
-  count once. Measured on a sandbox from the warm pool, while the pool holds
-  ``pool_size`` more: pages of shared files (libpython, gRPC's library) are split among
-  every process that maps them, the others' runners included, as on a host that keeps
-  sandboxes warm. Null when the backend cannot list the processes.
+  cgroup; gVisor the subreaper, runsc's sandbox, gofer and stub processes (and the host's
+  ``runsc exec`` channels where runsc lacks ``--host-uds=create``); podman the subreaper,
+  conmon and the container's processes (no host-side podman process stays). Processes
+  that share one address space (gVisor's stubs) count once. Read a second after the
+  sandbox's run (``IDLE_SETTLE_SECONDS``), on a sandbox from the warm pool, while the pool
+  holds ``pool_size`` more: pages of shared files (libpython, gRPC's library) are split
+  among every process that maps them, the others' runners included, as on a host that
+  keeps sandboxes warm. Null when the backend cannot list the processes.
 - ``idle_pss_alone_mb``: the same, of a sandbox with no other sandbox running (the first
   cold start's): it carries a bigger share of those file pages.
 - ``density``: idle sandboxes of the default backend started four at a time until 30 s,
@@ -44,6 +45,9 @@ WORK_ROOT = Path("/run/forgehand/work")
 DENSITY_SECONDS = 30.0
 DENSITY_BYTES = 16 << 30
 MIB = 1 << 20
+IDLE_SETTLE_SECONDS = 1.0
+"""How long a sandbox sits after its run before its idle memory is read: host helpers of
+its start (``podman`` commands, runtime processes) have ended by then."""
 TRUE = RunSpec(argv=("true",), env={"PATH": "/usr/bin:/bin"})
 
 
@@ -99,6 +103,12 @@ async def sandbox_pss(sandbox: Sandbox) -> int | None:
     return await asyncio.to_thread(pss_bytes, pids)
 
 
+async def idle_pss(sandbox: Sandbox) -> int | None:
+    """``sandbox_pss`` once the sandbox has sat idle for ``IDLE_SETTLE_SECONDS``."""
+    await asyncio.sleep(IDLE_SETTLE_SECONDS)
+    return await sandbox_pss(sandbox)
+
+
 def _mb(size: int | None) -> float | None:
     return None if size is None else round(size / MIB, 1)
 
@@ -142,7 +152,7 @@ async def cold_start_ms(
             await sandbox.client.run(TRUE)
             samples.append(_ms_since(started))
             if len(samples) == 1:
-                alone = await sandbox_pss(sandbox)
+                alone = await idle_pss(sandbox)
     return samples, alone
 
 
@@ -160,7 +170,7 @@ async def warm_start_ms(
                 await sandbox.client.run(TRUE)
                 samples.append(_ms_since(started))
                 if idle is None:
-                    idle = await sandbox_pss(sandbox)
+                    idle = await idle_pss(sandbox)
     return samples, idle
 
 
