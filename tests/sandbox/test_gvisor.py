@@ -272,7 +272,7 @@ async def test_reap_removes_a_crashed_owners_sandbox(base: Path) -> None:
     leftovers = [r for r in await backend.list_sandboxes() if r.sandbox_id == sandbox_id]
     assert [r.state for r in leftovers] == ["leftover"]
     directory = backend.registry.directory(sandbox_id)
-    assert is_mount_point(directory / "sock")  # the runner's socket dir, ro/ views too
+    assert is_mount_point(directory / "ro" / "0")  # a read-only view
     reaped = await backend.reap()
     assert sandbox_id in [r.sandbox_id for r in reaped]
     assert sandbox_id not in [r.sandbox_id for r in await backend.list_sandboxes()]

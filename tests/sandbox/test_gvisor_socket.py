@@ -83,6 +83,7 @@ def make_spec(base: Path, name: str = "work", **extra: Any) -> SandboxSpec:
 
 
 def backend(base: Path, **config: Any) -> GVisorBackend:
+    config.setdefault("runner_channel", "socket")
     return GVisorBackend(GVisorConfig(state_dir=base / "state", **config))
 
 
@@ -229,7 +230,8 @@ async def test_without_host_uds_create_the_exec_channel_serves(
     base: Path, old_runsc: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, "forgehand.sandbox.gvisor"):
-        async with backend(base, runsc=str(old_runsc)).create(make_spec(base)) as sandbox:
+        old = backend(base, runsc=str(old_runsc), runner_channel="auto")
+        async with old.create(make_spec(base)) as sandbox:
             assert sandbox.channel == "exec"
             assert isinstance(sandbox.client.transport.connector, ExecConnector)  # type: ignore[attr-defined]
             assert (await sandbox.client.run(RunSpec(argv=("true",)))).ok
