@@ -1,5 +1,6 @@
 """What the tests that start real OCI sandboxes (gVisor, podman) share: when they can run,
-a decoy socket that must never be connected to, and one process's PSS."""
+a decoy socket that must never be connected to and the swap that tries it, and one
+process's PSS."""
 
 from __future__ import annotations
 
@@ -9,6 +10,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from forgehand.runner.client import RunnerClient
+from forgehand.runner.model import RunSpec
+
+REPLACED = "replaced its runner's socket"
+"""What the pinned connector's PermissionDenied says of a swapped socket."""
 
 
 def needs_backend(name: str, check_host: Callable[[], object]) -> list[pytest.MarkDecorator]:
@@ -46,3 +53,10 @@ def rollup_pss(pid: int) -> int:
         if line.startswith("Pss:"):
             return int(line.split()[1]) * 1024
     raise AssertionError(f"no Pss line for {pid}")
+
+
+async def swap_for_symlink(client: RunnerClient, socket_path: object, decoy: Path) -> None:
+    """Inside the sandbox, move ``socket_path`` aside and put a symlink to ``decoy`` there."""
+    swap = f"mv {socket_path} {socket_path}.real && ln -s {decoy} {socket_path}"
+    swapped = await client.run(RunSpec(argv=("sh", "-c", swap)))
+    assert swapped.ok, swapped.stderr

@@ -15,21 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bwrap_support import NEEDS_BWRAP
 
 from forgehand.sandbox import cgroups
 from forgehand.sandbox.bwrap import BwrapSandbox, CommandResult, ExitReason, SandboxState
 from forgehand.sandbox.errors import IsolationUnavailable
 from forgehand.sandbox.spec import SandboxSpec
 
-pytestmark = [
-    pytest.mark.needs_root,
-    pytest.mark.skipif(shutil.which("bwrap") is None, reason="install the `bubblewrap` package"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: cgroups and the work dir tmpfs"),
-    pytest.mark.skipif(
-        len(cgroups.detect_hierarchies()) < len(cgroups.Controller),
-        reason="needs memory, pids and cpu cgroup controllers",
-    ),
-]
+pytestmark = NEEDS_BWRAP
 
 
 @pytest.fixture

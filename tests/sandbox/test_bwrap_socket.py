@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from bwrap_support import NEEDS_BWRAP, scratch_dir
-from sandbox_support import decoy_socket
+from sandbox_support import REPLACED, decoy_socket, swap_for_symlink
 
 from forgehand.runner import errors as runner_errors
 from forgehand.runner.model import RunSpec
@@ -36,11 +36,9 @@ async def test_a_symlink_put_in_place_of_the_runner_socket_is_not_followed(
     )
     backend = BwrapBackend(BwrapBackendConfig(state_dir=base / "state"))
     async with backend.create(spec) as sandbox:
-        swap = f"mv {RUNNER_SOCKET} {RUNNER_SOCKET}.real && ln -s {decoy} {RUNNER_SOCKET}"
-        swapped = await sandbox.client.run(RunSpec(argv=("sh", "-c", swap)))
-        assert swapped.ok, swapped.stderr
+        await swap_for_symlink(sandbox.client, RUNNER_SOCKET, decoy)
         await sandbox.client.transport.reconnect()  # the next dial finds the symlink
-        with pytest.raises(runner_errors.PermissionDenied, match="replaced its runner's socket"):
+        with pytest.raises(runner_errors.PermissionDenied, match=REPLACED):
             await sandbox.client.capabilities()
 
 
@@ -54,9 +52,6 @@ async def test_the_direct_channel_is_pinned_too(base: Path, decoy: Path) -> None
         reached = await connector.connect_direct()  # the runner serves it inside
         assert reached is not None
         reached.close()
-        direct = f"{RUNNER_SOCKET}.direct"
-        swap = f"mv {direct} {direct}.real && ln -s {decoy} {direct}"
-        swapped = await sandbox.client.run(RunSpec(argv=("sh", "-c", swap)))
-        assert swapped.ok, swapped.stderr
-        with pytest.raises(runner_errors.PermissionDenied, match="replaced its runner's socket"):
+        await swap_for_symlink(sandbox.client, f"{RUNNER_SOCKET}.direct", decoy)
+        with pytest.raises(runner_errors.PermissionDenied, match=REPLACED):
             await sandbox.client.run(RunSpec(argv=("true",)))

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from bwrap_support import scratch_dir
-from sandbox_support import decoy_socket, needs_backend
+from sandbox_support import REPLACED, decoy_socket, needs_backend, swap_for_symlink
 
 from forgehand.runner import errors as runner_errors
 from forgehand.runner.client import ExecConnector
@@ -142,22 +142,17 @@ async def test_a_symlink_put_in_place_of_the_runner_socket_is_not_followed(
     base: Path, decoy: Path
 ) -> None:
     async with backend(base).create(make_spec(base)) as sandbox:
-        swap = f"mv {SOCKET} {SOCKET}.real && ln -s {decoy} {SOCKET}"
-        swapped = await sandbox.client.run(RunSpec(argv=("sh", "-c", swap)))
-        assert swapped.ok, swapped.stderr
+        await swap_for_symlink(sandbox.client, SOCKET, decoy)
         assert (sandbox.directory / "sock" / "runner.sock").is_symlink()
         await sandbox.client.transport.reconnect()  # the next dial finds the symlink
-        with pytest.raises(runner_errors.PermissionDenied, match="replaced its runner's socket"):
+        with pytest.raises(runner_errors.PermissionDenied, match=REPLACED):
             await sandbox.client.capabilities()
 
 
 async def test_the_direct_channel_is_pinned_too(base: Path, decoy: Path) -> None:
     async with backend(base).create(make_spec(base)) as sandbox:
-        direct = f"{SOCKET}.direct"
-        swap = f"mv {direct} {direct}.real && ln -s {decoy} {direct}"
-        swapped = await sandbox.client.run(RunSpec(argv=("sh", "-c", swap)))
-        assert swapped.ok, swapped.stderr
-        with pytest.raises(runner_errors.PermissionDenied, match="replaced its runner's socket"):
+        await swap_for_symlink(sandbox.client, f"{SOCKET}.direct", decoy)
+        with pytest.raises(runner_errors.PermissionDenied, match=REPLACED):
             await sandbox.client.run(RunSpec(argv=("true",)))
 
 

@@ -4,24 +4,13 @@ as a user runs them: real processes, real bwrap sandboxes."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 
 import pytest
+from bwrap_support import NEEDS_BWRAP
 
-from forgehand.sandbox import cgroups
-
-pytestmark = [
-    pytest.mark.needs_root,
-    pytest.mark.skipif(shutil.which("bwrap") is None, reason="install the `bubblewrap` package"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: cgroups and tmpfs mounts"),
-    pytest.mark.skipif(
-        len(cgroups.detect_hierarchies()) < len(cgroups.Controller),
-        reason="needs memory, pids and cpu cgroup controllers",
-    ),
-]
+pytestmark = NEEDS_BWRAP
 
 
 def forgehand(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
