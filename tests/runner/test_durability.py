@@ -15,10 +15,17 @@ from pathlib import Path
 import pytest
 from conftest import make_config
 
+from forgehand._proto.runner.v1 import runner_pb2 as pb
 from forgehand.runner import errors
 from forgehand.runner.client import LocalTransport, RunnerClient
 from forgehand.runner.core import RunnerCore
-from forgehand.runner.journal import HEADER, LENGTH_BITS, MAX_RECORD_BYTES, list_segments
+from forgehand.runner.journal import (
+    HEADER,
+    LENGTH_BITS,
+    MAX_RECORD_BYTES,
+    JournalWriter,
+    list_segments,
+)
 from forgehand.runner.keeper import keeper_pid
 from forgehand.runner.model import Exited, ExitReason, Output, RunSpec, Started, Stream
 
@@ -217,20 +224,80 @@ async def test_finished_runs_are_pruned_after_their_ttl(short_tmp: Path) -> None
 
 
 async def test_total_journal_cap_prunes_oldest_finished_runs(short_tmp: Path) -> None:
+    # Each output stays under the per-run bound, so no middle is dropped and a journal is
+    # its output, record headers and the 4 KiB exit record however the output was chunked:
+    # four fit under the cap, five do not. (Past the bound whole segments go, and what is
+    # left depends on how the output was chunked: five such journals may fit under 1 MiB
+    # with nothing to prune.)
+    cap = 1024 * 1024
     config = make_config(
-        short_tmp, journal_max_bytes_total=1024 * 1024, journal_max_bytes_per_run=256 * 1024
+        short_tmp, journal_max_bytes_total=cap, journal_max_bytes_per_run=256 * 1024
     )
     async with RunnerCore(config) as core:
         client = RunnerClient(LocalTransport(core))
+        sizes = []
         for i in range(6):
-            big = RunSpec(argv=("head", "-c", "300000", "/dev/zero"))
-            await client.run(big, run_id=f"big-{i}")
-        remaining = {r.run_id for r in await client.list_runs()}
-        assert "big-5" in remaining
-        assert "big-0" not in remaining
-        # The cap held when the newest run started; only that run's journal came after.
-        older = [r for r in await client.list_runs() if r.run_id != "big-5"]
-        assert sum(r.journal_bytes for r in older) < 1024 * 1024
+            await client.run(RunSpec(argv=("head", "-c", "250000", "/dev/zero")), run_id=f"big-{i}")
+            sizes.append(sum(file_sizes(core.runs_dir / f"big-{i}" / "journal").values()))
+        assert sum(sizes[:4]) < cap <= sum(sizes[:5])
+        runs = await client.list_runs()
+    # big-5's start found the cap reached: the oldest finished run went, and only it.
+    assert [r.run_id for r in runs] == [f"big-{i}" for i in range(1, 6)]
+    assert [r.journal_bytes for r in runs] == sizes[1:]
+
+
+async def test_a_journal_keeps_near_its_per_run_cap_however_the_output_comes(
+    short_tmp: Path,
+) -> None:
+    """The keeper cuts output records at a segment's size, so dropping whole segments
+    keeps a journal within a segment of its cap (records of up to 1 MiB once let a 256 KiB
+    journal reach 1 MiB)."""
+    per_run = 256 * 1024
+    config = make_config(short_tmp, journal_max_bytes_per_run=per_run)
+    async with RunnerCore(config) as core:
+        client = RunnerClient(LocalTransport(core))
+        for run_id, spec in (
+            ("fast", RunSpec(argv=("head", "-c", "8000000", "/dev/zero"))),
+            ("paced", random_output(4 << 20, pause=0.01)),
+        ):
+            result = await client.run(spec, run_id=run_id)
+            assert result.exit.reason is ExitReason.EXITED
+            on_disk = sum(file_sizes(core.runs_dir / run_id / "journal").values())
+            assert on_disk <= per_run + per_run // 4, f"{run_id}: {on_disk} bytes"
+
+
+def file_sizes(directory: Path) -> dict[str, int]:
+    return {path.name: path.stat().st_size for path in directory.iterdir()}
+
+
+def append_record(writer: JournalWriter, size: int) -> None:
+    """Append an Output record of ``size`` bytes, or one less where a varint shrinks."""
+    event = pb.Event(seq=writer.next_seq, time_unix_ns=1)
+    event.output.data = b"x" * (size - HEADER.size)
+    while HEADER.size + event.ByteSize() > size:
+        event.output.data = event.output.data[:-1]
+    writer.append(event)
+
+
+def test_a_journal_does_not_change_once_its_exit_is_written(tmp_path: Path) -> None:
+    """The daemon sizes a finished run's journal once, as soon as a reader has seen the
+    exit: an exit record that fills a segment must not open or drop one after it."""
+    segment, limit = 64 * 1024, 256 * 1024
+    writer = JournalWriter(tmp_path, max_bytes=limit, segment_bytes=segment)
+    for _ in range(4):
+        append_record(writer, segment)  # one segment each; the third is past the head
+    final = pb.Event(seq=writer.next_seq + 1, time_unix_ns=1)
+    final.exited.reason = pb.EXIT_REASON_EXITED
+    exit_size = HEADER.size + final.ByteSize()
+    append_record(writer, segment - exit_size // 2)  # the exit record will fill this one
+    before = file_sizes(tmp_path)
+    assert sum(before.values()) - before["exit.rec"] > limit  # bounding would drop one
+    last = list_segments(tmp_path)[-1][1].name
+
+    writer.write_exit(final)
+    writer.close()
+
+    assert file_sizes(tmp_path) == before | {last: before[last] + exit_size}
 
 
 async def test_spliced_output_is_exact_across_the_output_limit(short_tmp: Path) -> None:

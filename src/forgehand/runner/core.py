@@ -266,7 +266,9 @@ class RunnerCore:
         return self._finished_bytes + running
 
     def _set_exited(self, run: RunHandle, exited: pb.Event | None) -> None:
-        if exited is not None and run.exited is None:
+        # A closed run is out of the registry and the accounting (close --force may stop
+        # waiting for its exit): an exit an attacher reads later must not count its journal.
+        if exited is not None and run.exited is None and not run.closed:
             self._running.discard(run.run_id)
             self._unsized[run.run_id] = run
             if len(self._unsized) == 1:

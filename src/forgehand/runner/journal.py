@@ -217,6 +217,9 @@ class JournalWriter:
 
         Raises OSError (ENOSPC and the like) when the disk refuses the write.
         """
+        return self._append(event, rotate=True)
+
+    def _append(self, event: pb.Event, rotate: bool) -> int:
         seq = self.next_seq
         event.seq = seq
         if not event.time_unix_ns:
@@ -225,7 +228,7 @@ class JournalWriter:
         self._write_whole([record], len(record))
         self.next_seq = seq + 1
         output = len(event.output.data) if event.HasField("output") else 0
-        self._account(len(record), seq, output)
+        self._account(len(record), seq, output, rotate)
         return seq
 
     def append_output(self, stream: int, data: bytes) -> int:
@@ -289,13 +292,13 @@ class JournalWriter:
             os.ftruncate(self._fd, start)
             raise OSError(errno.ENOSPC, "the journal's disk is full")
 
-    def _account(self, size: int, seq: int, output_bytes: int) -> None:
+    def _account(self, size: int, seq: int, output_bytes: int, rotate: bool = True) -> None:
         segment = self._segments[-1]
         segment.size += size
         segment.last_seq = seq
         segment.output_bytes += output_bytes
         self.total_bytes += size
-        if segment.size >= self.segment_bytes:
+        if rotate and segment.size >= self.segment_bytes:
             self._rotate()
 
     def _rotate(self) -> None:
@@ -320,13 +323,15 @@ class JournalWriter:
         """Append the final Exited event and store it in the reserved exit record.
 
         The exit record is written even when the journal append fails for lack of space,
-        so a run's status is never lost to a full disk.
+        so a run's status is never lost to a full disk. Nothing follows it: no segment is
+        opened or dropped after it, so the journal a reader that has seen the exit measures
+        is the journal for good (the daemon sizes a finished run once, then).
         """
         seq = self.next_seq
         event.seq = seq
         event.time_unix_ns = event.time_unix_ns or time.time_ns()
         with contextlib.suppress(OSError):
-            self.append(event)
+            self._append(event, rotate=False)
         record = encode_record(seq, event.SerializeToString())
         os.pwrite(self._exit_fd, record, 0)
         return seq

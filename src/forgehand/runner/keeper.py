@@ -573,7 +573,7 @@ class Keeper:
         if run.splice and run.outputs[fd] in SPLICED_STREAMS and self._splice_output(run, fd):
             return
         try:
-            data = os.read(fd, READ_BYTES)
+            data = os.read(fd, _record_bytes(run))
         except BlockingIOError:
             return
         except OSError as exc:  # EIO: the terminal's other side is closed
@@ -599,7 +599,7 @@ class Keeper:
         """Splice what the pipe holds into the journal. False leaves it to the read path:
         at end of file (nothing to splice), where the output limit cuts, and for the rest
         of the run once the journal's file system turns out unable to splice."""
-        size = min(_pipe_bytes(fd), READ_BYTES)
+        size = min(_pipe_bytes(fd), _record_bytes(run))
         limit = run.request.limits.max_output_bytes
         if size <= 0 or (limit and run.output_bytes + size > limit):
             return False
@@ -838,6 +838,14 @@ def _stdin_error(run: Run) -> str:
     if run.request.stdin != pb.STDIN_MODE_PIPE:
         return "the run was started without stdin: start it with stdin=pipe"
     return "" if run.stdin_fd >= 0 else "the run's stdin is closed"
+
+
+def _record_bytes(run: Run) -> int:
+    """The most output one journal record takes: READ_BYTES, or a segment where segments
+    are smaller (a small per-run cap). The journal drops whole segments to keep under its
+    cap, and a record never spans two, so a record larger than a segment would let a
+    journal grow to a few times its cap."""
+    return min(READ_BYTES, run.journal.segment_bytes)
 
 
 def _pipe_bytes(fd: int) -> int:
