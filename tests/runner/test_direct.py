@@ -5,10 +5,13 @@ every ``client`` test; the fuzz tests throw raw and mutated requests at it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import select
 import socket
 import stat
 import struct
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from forgehand._proto.runner.v1 import runner_pb2 as pb
 from forgehand.runner import direct_server, errors
 from forgehand.runner.client import GrpcTransport, RunnerClient, UnixConnector
 from forgehand.runner.config import RunnerConfig
-from forgehand.runner.direct import direct_socket_path
+from forgehand.runner.direct import HELLO, HELLO_FEATURE, direct_socket_path
 from forgehand.runner.model import Exited, Output, RunSpec
 from forgehand.runner.server import RunnerServer
 
@@ -29,7 +32,8 @@ def sh(script: str) -> RunSpec:
 
 
 async def exchange(path: Path, data: bytes, shut: bool = False) -> list[pb.SessionResponse]:
-    """Raw bytes in, every frame out until the daemon closes the connection."""
+    """Raw bytes in, every frame after the hello out until the daemon closes the
+    connection."""
     reader, writer = await asyncio.open_unix_connection(str(path))
     writer.write(data)
     if shut:
@@ -41,7 +45,8 @@ async def exchange(path: Path, data: bytes, shut: bool = False) -> list[pb.Sessi
         (size,) = FRAME.unpack_from(received, pos)
         frames.append(pb.SessionResponse.FromString(received[pos + 4 : pos + 4 + size]))
         pos += 4 + size
-    return frames
+    assert frames[0] == pb.SessionResponse(tag=1), "every connection starts with a hello"
+    return frames[1:]
 
 
 def framed(message: bytes) -> bytes:
@@ -154,7 +159,8 @@ async def test_a_hangup_ends_a_quiet_attach_and_the_run_goes_on(
         request = pb.AttachRequest(run_id=run_id).SerializeToString()
         reader, writer = await asyncio.open_unix_connection(str(direct))
         writer.write(framed(request))
-        await reader.readexactly(4)  # the first frame: the run is being followed
+        assert await reader.readexactly(len(HELLO)) == HELLO
+        await reader.readexactly(4)  # the first frame after it: the run is being followed
         await wait_for(lambda: len(listener._connections) == 1)
         writer.close()
         await wait_for(lambda: not listener._connections)  # no output needed to notice
@@ -245,3 +251,61 @@ async def test_a_spare_the_daemon_may_have_dropped_is_not_used(
         await wait_for(lambda: not listener._connections)  # the daemon dropped the spare
         assert (await client.run(sh("echo two"))).stdout == b"two\n"
         assert client.reconnects == 0
+
+
+async def test_the_hello_comes_first_and_is_offered(server: RunnerServer, direct: Path) -> None:
+    reader, writer = await asyncio.open_unix_connection(str(direct))
+    try:  # before any request: a live listener answers at once
+        assert await asyncio.wait_for(reader.readexactly(len(HELLO)), 30) == HELLO
+    finally:
+        writer.close()
+    async with RunnerClient.unix(direct.with_name("runner.sock")) as client:
+        assert HELLO_FEATURE in (await client.capabilities()).features
+
+
+@contextlib.asynccontextmanager
+async def dead_until_dialled(path: Path) -> AsyncIterator[None]:
+    """Swap a listener that accepts and never answers (what gVisor's gofer keeps of a dead
+    daemon's socket) in for the socket at ``path``; put the real one back once a
+    connection waits on it."""
+    live = path.with_name(path.name + ".live")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path.rename(live)
+    dead.bind(str(path))
+    dead.listen(8)
+
+    async def revive() -> None:
+        await wait_for(lambda: select.select([dead], [], [], 0)[0], seconds=60)
+        live.rename(path)  # the dead one stays open: its connection is never refused
+
+    reviving = asyncio.create_task(revive())
+    try:
+        yield
+    finally:
+        await reviving
+        dead.close()
+
+
+async def test_a_direct_listener_nobody_serves_is_redialled(
+    server: RunnerServer, direct: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a hello in time the client takes the connection for a cut and redials."""
+    from forgehand.runner.client import grpc_transport
+
+    monkeypatch.setattr(grpc_transport, "HELLO_SECONDS", 0.2)
+    async with RunnerClient.unix(direct.with_name("runner.sock")) as client:
+        await client.capabilities()  # learns that the daemon says hello
+        async with dead_until_dialled(direct):
+            result = await client.run(sh("echo served"))
+        assert result.stdout == b"served\n"
+        assert client.reconnects >= 1
+
+
+async def test_a_grpc_listener_nobody_serves_is_redialled(server: RunnerServer) -> None:
+    """gRPC gives a local socket 2 s, not its default 20, to answer the connection."""
+    assert server.unix_socket is not None
+    async with RunnerClient.unix(server.unix_socket, rpc_timeout=15) as client:
+        async with dead_until_dialled(server.unix_socket):
+            capabilities = await client.capabilities()
+        assert HELLO_FEATURE in capabilities.features
+        assert client.reconnects >= 1

@@ -283,6 +283,9 @@ async def test_a_daemon_that_keeps_crashing_is_given_up_on(supervised: ForkingDa
     assert await asyncio.to_thread(supervised.process.wait) == 1
     assert await wait_dead(sleeper)
     assert "after 1 restarts" in supervised.log.read_text()
+    # The SIGKILLed daemon could not remove its sockets; the supervisor did.
+    assert not supervised.socket.exists()
+    assert not supervised.socket.with_name("runner.sock.direct").exists()
 
 
 @pytest.mark.parametrize("target", ["supervisor", "daemon"])

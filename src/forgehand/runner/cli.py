@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _import_server()
     if args.supervise:
+        from forgehand.runner.direct import direct_socket_path
         from forgehand.runner.supervisor import supervise
 
         try:
@@ -172,7 +173,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"forgehand-runner: cannot create --state-dir: {exc}", file=sys.stderr)
             return 2
         daemon = functools.partial(_daemon, args, config)
-        return supervise(keeper_settings(config), daemon, args.ready_fd, args.max_restarts)
+        sockets = [] if args.socket is None else [args.socket, direct_socket_path(args.socket)]
+        return supervise(
+            keeper_settings(config),
+            daemon,
+            args.ready_fd,
+            args.max_restarts,
+            [path for path in sockets if path is not None],
+        )
     keeper = fork_keeper(keeper_settings(config)) if args.fork_keeper else None
     if keeper is not None:
         keeper.wait()  # if it failed, the core spawns one (or says why)

@@ -58,6 +58,7 @@ FEATURES = (
     "journal",
     "files",
     "session",
+    "direct-hello",  # see forgehand.runner.direct
 )
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_ARGS_BYTES = 1024 * 1024

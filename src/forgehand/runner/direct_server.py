@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 from forgehand._proto.runner.v1 import runner_pb2 as pb
 from forgehand.runner import errors
 from forgehand.runner.core import AttachBatch, RunnerCore
-from forgehand.runner.direct import FRAME, REQUEST_SECONDS, TAG, send_parts
+from forgehand.runner.direct import FRAME, HELLO, REQUEST_SECONDS, TAG, send_parts
 from forgehand.runner.wire import session_error_parts, session_parts
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,11 @@ class DirectListener:
             conn.setblocking(False)
             with contextlib.suppress(OSError):  # capped at net.core.wmem_max (4 MiB here)
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+            try:
+                conn.send(HELLO)  # into an empty send buffer: it cannot block
+            except OSError:  # the client is already gone
+                conn.close()
+                continue
             task = asyncio.create_task(self._serve(conn))
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)

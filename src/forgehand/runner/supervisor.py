@@ -20,10 +20,14 @@ PSS with this mode is unchanged.
 
 What ends the daemon, and what the supervisor then does:
 
-- killed by a signal, or an unexpected exit status: fork a fresh daemon on the same state
-  dir and socket. It finds the runs through the keeper and their journals; a client that
-  was attached reconnects and resumes after its last seq. At most ``max_restarts`` within
-  ``RESTART_WINDOW_SECONDS``: the next crash gives up.
+- killed by a signal, or an unexpected exit status: remove its sockets at once, then fork
+  a fresh daemon on the same state dir and socket. It finds the runs through the keeper
+  and their journals; a client that was attached reconnects and resumes after its last
+  seq. At most ``max_restarts`` within ``RESTART_WINDOW_SECONDS``: the next crash gives
+  up. (Why remove the sockets: on a Linux kernel a dead daemon's socket refuses
+  connections, but under gVisor with ``--host-uds=create`` the gofer keeps the listener it
+  bound, which accepts connections nobody serves. With the file gone a client redials
+  until the new daemon has bound it again.)
 - status 0 (it was told to stop: SIGTERM or SIGINT) or 2 (invalid settings, a busy state
   dir: a new daemon would fail the same way): stop.
 - SIGTERM to the supervisor (a deliberate stop of the sandbox): stop.
@@ -49,7 +53,7 @@ import sys
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -80,8 +84,10 @@ def supervise(
     run_daemon: RunDaemon,
     ready_fd: int | None = None,
     max_restarts: int = MAX_RESTARTS,
+    sockets: Sequence[Path] = (),
 ) -> int:
     """Be the keeper of ``settings.state_dir`` and the daemon's supervisor; the exit status.
+    ``sockets``: the daemon's listening sockets, removed when it dies.
 
     Call it after the imports, before any thread, event loop or gRPC object exists.
     """
@@ -93,7 +99,7 @@ def supervise(
         return SETTINGS_EXIT
     keeper = Keeper(settings, listener)
     keeper.install_signals()
-    supervisor = Supervisor(keeper, run_daemon, comm, max_restarts)
+    supervisor = Supervisor(keeper, run_daemon, comm, max_restarts, tuple(sockets))
     signal.signal(signal.SIGTERM, lambda *_: supervisor.stop(0, "stopping on SIGTERM"))
     try:
         supervisor.start_daemon(ready_fd)
@@ -111,8 +117,16 @@ def supervise(
 class Supervisor:
     """Forks the daemon from the keeper's process, and again each time it crashes."""
 
-    def __init__(self, keeper: Keeper, run_daemon: RunDaemon, comm: str, max_restarts: int):
+    def __init__(
+        self,
+        keeper: Keeper,
+        run_daemon: RunDaemon,
+        comm: str,
+        max_restarts: int,
+        sockets: tuple[Path, ...] = (),
+    ):
         self.keeper = keeper
+        self.sockets = sockets
         self.run_daemon = run_daemon
         self.comm = comm
         self.max_restarts = max_restarts
@@ -135,6 +149,9 @@ class Supervisor:
 
     def daemon_exited(self, status: int) -> None:
         self.daemon_pid = 0
+        for path in self.sockets:
+            with contextlib.suppress(OSError):
+                path.unlink()
         code = os.waitstatus_to_exitcode(status)
         if code in (0, SETTINGS_EXIT):
             self.stop(code, f"the daemon exited with status {code}: stopping")

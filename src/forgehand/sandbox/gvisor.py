@@ -5,8 +5,8 @@
         result = await sandbox.run(["pytest", "-q"])
         sandbox.ended                                     # None, or why it ended (oom …)
 
-**How the host reaches the runner.** By default through the exec channel (last point
-below); with ``runner_channel: socket`` (or ``auto``) the runner listens on
+**How the host reaches the runner.** Where runsc offers ``--host-uds=create`` (the
+default, ``runner_channel: auto``; ``socket`` insists on it) the runner listens on
 ``/run/forgehand/sock/runner.sock`` (and its direct attach channel, ``….direct``), a
 directory bind-mounted from ``<state_dir>/<id>/sock``: a tiny host tmpfs, mode 0700, fresh
 per sandbox. runsc runs with ``--host-uds=create`` (``all`` with ``network: proxy``, whose
@@ -28,10 +28,17 @@ for podman; no host process stays per connection. Why that is safe:
   ``/usr``. So each read-only source is bound through a view made read-only in the host
   kernel (``readonly_views``, under ``ro/``), and a compromised Sentry cannot do it
   either.
-- By default (``runner_channel: exec``, see there for why), and where runsc has no
-  ``--host-uds=create`` (``auto``, with a log line), the host uses the exec channel
-  instead: one ``runsc exec … forgehand-runner proxy`` per connection to the runner's
-  socket, which then stays inside gVisor (``/run/forgehand/runner.sock``).
+- The gofer keeps its own copy of each socket it binds, so a daemon that dies leaves a
+  listener that accepts connections nobody serves. The keeper removes the dead daemon's
+  socket files at once (``forgehand.runner.supervisor``), gRPC gives a local socket 2 s to
+  answer, and the direct channel's hello (``forgehand.runner.direct``) tells a served
+  connection from a dead one: a client that redials too early retries instead of
+  waiting for good.
+- With ``runner_channel: exec``, and where runsc has no ``--host-uds=create`` (``auto``,
+  with a log line), the host uses the exec channel instead: one ``runsc exec …
+  forgehand-runner proxy`` per connection to the runner's socket, which then stays inside
+  gVisor (``/run/forgehand/runner.sock``). It costs a host process (~8.5 MB) per open
+  connection and ~100 ms per dial, and gives no direct channel.
 
 Host side, under ``<state_dir>/<sandbox-id>/``: ``record.json`` (the registry),
 ``bundle/`` (config.json and the read-only rootfs, see ``forgehand.sandbox.rootfs``),
@@ -156,18 +163,11 @@ class GVisorConfig(BaseModel):
     """TESTING ONLY: lets the egress proxy reach loopback servers."""
     reap_timeout_seconds: float = Field(default=10.0, gt=0)
     """How long destroy waits for the sandbox's processes to be reaped after deletion."""
-    runner_channel: Literal["auto", "socket", "exec"] = "exec"
-    """How the host reaches the runner: ``exec``, one ``runsc exec … forgehand-runner
-    proxy`` per connection (the default); ``socket``, the runner's own unix socket in a
-    per-sandbox host directory (needs runsc's ``--host-uds=create``); ``auto``, the socket
-    where runsc offers it, else the exec channel (with a log line).
-
-    ``socket`` is faster and lighter but not the default, because of a hang after a daemon
-    restart: runsc's gofer keeps its own copy of every socket it binds for the sandbox, so
-    once the daemon dies its old socket still accepts connections that nothing serves. A
-    client that redials before the restarted daemon has replaced the socket (its first
-    retry goes at once) waits on it for good. Fixing it needs the listening sockets to
-    outlive the daemon (the keeper holding them), or a runsc that closes its copy."""
+    runner_channel: Literal["auto", "socket", "exec"] = "auto"
+    """How the host reaches the runner: ``socket``, the runner's own unix socket in a
+    per-sandbox host directory (needs runsc's ``--host-uds=create``); ``exec``, one ``runsc
+    exec … forgehand-runner proxy`` per connection; ``auto`` (the default), the socket
+    where runsc offers it, else the exec channel (with a log line)."""
 
 
 def runsc_release(runsc: str) -> tuple[str, int | None]:

@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 
 from forgehand.runner import errors as runner_errors
-from forgehand.runner.client.connectors import Dial, connect_unix
+from forgehand.runner.client.connectors import LOCAL_SOCKET_OPTIONS, Dial, connect_unix
 from forgehand.runner.direct import direct_socket_path
 
 
@@ -42,7 +42,7 @@ class PinnedSocketConnector:
             old, self._fd = self._fd, fd
             if old >= 0:
                 os.close(old)
-        return Dial(f"unix:/proc/self/fd/{self._fd}")
+        return Dial(f"unix:/proc/self/fd/{self._fd}", options=LOCAL_SOCKET_OPTIONS)
 
     async def connect_direct(self) -> socket.socket | None:
         """The daemon's direct attach channel, pinned the same way (a fresh pin per

@@ -35,6 +35,15 @@ class Dial:
     options: tuple[tuple[str, str | int], ...] = ()
 
 
+LOCAL_SOCKET_OPTIONS: tuple[tuple[str, str | int], ...] = (
+    # How long a connection may take to get the server's HTTP/2 settings (gRPC's default
+    # is 20 s): a local daemon answers in milliseconds, and a listener that accepts and
+    # never answers (a dead daemon's, kept by gVisor's gofer) must fail the call soon, as
+    # Unavailable, so that the client redials.
+    ("grpc.min_reconnect_backoff_ms", 2000),
+)
+
+
 class Connector(Protocol):
     async def dial(self) -> Dial: ...
 
@@ -73,7 +82,7 @@ class UnixConnector:
         self._direct = direct_socket_path(self.path)
 
     async def dial(self) -> Dial:
-        return Dial(f"unix:{self.path}")
+        return Dial(f"unix:{self.path}", options=LOCAL_SOCKET_OPTIONS)
 
     async def connect_direct(self) -> socket.socket | None:
         return None if self._direct is None else await connect_unix(str(self._direct))

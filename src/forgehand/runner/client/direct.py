@@ -21,19 +21,25 @@ _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
 async def direct_attach(
-    sock: socket.socket, request: pb.AttachRequest, deadline: float | None
+    sock: socket.socket,
+    request: pb.AttachRequest,
+    deadline: float | None,
+    hello_seconds: float | None = None,
 ) -> AsyncIterator[pb.AttachResponse]:
     """Attach over ``sock`` (connected, non-blocking; closed when this ends). A connection
     that ends before the last frame raises ``Unavailable``, like a cut gRPC stream, so the
-    caller resumes after the last seq it saw."""
+    caller resumes after the last seq it saw; so does one that brings no frame within
+    ``hello_seconds`` (None: the daemon says no hello, wait as long as the deadline)."""
     loop = asyncio.get_running_loop()
     end = None if deadline is None else loop.time() + deadline
     try:
         payload = request.SerializeToString()
         await _within(end, deadline, loop.sock_sendall(sock, FRAME.pack(len(payload)) + payload))
         frames = _Frames(sock)
+        first = None if hello_seconds is None else _hello(frames, hello_seconds, end, deadline)
         while True:
-            frame = await _within(end, deadline, frames.next())
+            frame = await (first or _within(end, deadline, frames.next()))
+            first = None
             try:
                 response = pb.SessionResponse.FromString(frame)  # type: ignore[arg-type]
             except DecodeError:
@@ -49,6 +55,22 @@ async def direct_attach(
         raise errors.Unavailable(f"the direct attach connection broke ({exc})") from None
     finally:
         sock.close()
+
+
+async def _hello(
+    frames: _Frames, hello_seconds: float, end: float | None, deadline: float | None
+) -> memoryview:
+    """The first frame (the hello, or anything after it), within ``hello_seconds``."""
+    loop = asyncio.get_running_loop()
+    if end is not None and end - loop.time() <= hello_seconds:
+        return await _within(end, deadline, frames.next())
+    try:
+        return await asyncio.wait_for(frames.next(), hello_seconds)
+    except TimeoutError:
+        raise errors.Unavailable(
+            f"the runner's direct channel sent no hello within {hello_seconds:g}s: a "
+            "listener its daemon no longer serves (redialling)"
+        ) from None
 
 
 async def _within(end: float | None, deadline: float | None, step: Awaitable[T]) -> T:

@@ -16,7 +16,12 @@ from forgehand.runner import errors
 from forgehand.runner.client.connectors import Connector, DirectConnector
 from forgehand.runner.client.direct import direct_attach
 from forgehand.runner.client.transport import closing_stream
-from forgehand.runner.direct import REQUEST_SECONDS
+from forgehand.runner.direct import (
+    HELLO_AFTER_CUT_SECONDS,
+    HELLO_FEATURE,
+    HELLO_SECONDS,
+    REQUEST_SECONDS,
+)
 
 SERVICE = "/forgehand.runner.v1.Runner/"
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -146,11 +151,13 @@ class GrpcTransport:
         self._direct_connector = connector if isinstance(connector, DirectConnector) else None
         self._spare: tuple[socket.socket, float] | None = None  # (connection, made at)
         self._spare_task: asyncio.Task[None] | None = None
+        self._redials = 0  # a spare connected across a reconnect is not kept
+        self._hello_seconds = HELLO_SECONDS  # HELLO_AFTER_CUT_SECONDS once after a cut
         self._closed = False
         self._channel: grpc.aio.Channel | None = None
         self._lock = asyncio.Lock()
         self._session: _SessionCall | None = None
-        self._sessions_offered: bool | None = None  # learnt from Capabilities, once
+        self._features: frozenset[str] | None = None  # learnt from Capabilities, once
         self._closing: set[asyncio.Task[None]] = set()
 
     async def _open(self) -> grpc.aio.Channel:
@@ -206,7 +213,16 @@ class GrpcTransport:
         result: pb.CapabilitiesResponse = await self._unary(
             "Capabilities", pb.CapabilitiesRequest(), pb.CapabilitiesResponse, deadline
         )
+        self._features = frozenset(result.features)
         return result
+
+    async def _offers(self, feature: str, deadline: float | None) -> bool:
+        """Whether the runner lists ``feature`` (asked once per transport: a restarted
+        daemon is the same program)."""
+        if self._features is None:
+            await self.capabilities(deadline or PROBE_SECONDS)
+        assert self._features is not None
+        return feature in self._features
 
     async def start(self, request: pb.StartRequest, deadline: float | None) -> pb.StartResponse:
         result: pb.StartResponse = await self._unary("Start", request, pb.StartResponse, deadline)
@@ -248,19 +264,34 @@ class GrpcTransport:
     ) -> AsyncIterator[pb.AttachResponse] | None:
         if not self.use_direct or self._direct_connector is None:
             return None
+        hello = self._hello_seconds if await self._offers(HELLO_FEATURE, deadline) else None
         sock = self._take_spare() or await self._direct_connector.connect_direct()
-        return None if sock is None else self._direct_attach(sock, request, deadline)
+        return None if sock is None else self._direct_attach(sock, request, deadline, hello)
 
     async def _direct_attach(
-        self, sock: socket.socket, request: pb.AttachRequest, deadline: float | None
+        self,
+        sock: socket.socket,
+        request: pb.AttachRequest,
+        deadline: float | None,
+        hello_seconds: float | None,
     ) -> AsyncIterator[pb.AttachResponse]:
+        cut = False
         try:
-            responses = direct_attach(sock, request, deadline)
+            responses = direct_attach(sock, request, deadline, hello_seconds)
             async with closing_stream(responses):
                 async for response in responses:
                     yield response
+        except errors.Unavailable:
+            cut = True  # no spare now: a daemon that just died may leave a dead listener
+            # Short wait for the next hello, but not twice running: a slow daemon gets
+            # its full time on the attempt after.
+            after_cut = hello_seconds != HELLO_AFTER_CUT_SECONDS
+            self._hello_seconds = HELLO_AFTER_CUT_SECONDS if after_cut else HELLO_SECONDS
+            raise
         finally:
-            self._schedule_spare()
+            if not cut:
+                self._hello_seconds = HELLO_SECONDS
+                self._schedule_spare()
 
     def _take_spare(self) -> socket.socket | None:
         """The connection made after the last attach, if it is young enough that the
@@ -289,10 +320,12 @@ class GrpcTransport:
         accepts it off the critical path, so an exec costs it one wake-up, not two."""
         if self._spare is not None or self._direct_connector is None or self._closed:
             return
+        redials = self._redials
         with contextlib.suppress(OSError, errors.RunnerError):
             sock = await self._direct_connector.connect_direct()
             if sock is not None:
-                if self._spare is not None or self._closed:  # another attach ended first
+                # Another attach ended first, or the connection was given up meanwhile.
+                if self._spare is not None or self._closed or self._redials != redials:
                     sock.close()
                 else:
                     self._spare = (sock, asyncio.get_running_loop().time())
@@ -303,10 +336,7 @@ class GrpcTransport:
             spare[0].close()
 
     async def _open_session(self, deadline: float | None) -> _SessionCall | None:
-        if self._sessions_offered is None:
-            features = (await self.capabilities(deadline or PROBE_SECONDS)).features
-            self._sessions_offered = "session" in features
-        if not self._sessions_offered:
+        if not await self._offers("session", deadline):
             return None
         channel = await self._open()
         if self._session is None or self._session.failure is not None:
@@ -369,6 +399,7 @@ class GrpcTransport:
         return result
 
     async def reconnect(self) -> None:
+        self._redials += 1
         self._drop_spare()
         session, self._session = self._session, None
         if session is not None:
