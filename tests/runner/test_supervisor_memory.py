@@ -2,7 +2,9 @@
 
 Every page the keeper or the daemon writes after the fork exists twice, so the keeper
 imports everything the daemon runs before it forks: a module the daemon imports later is
-the daemon's alone, and so is every page the import machinery writes on the way. And
+the daemon's alone, and so is every page the import machinery writes on the way. The
+keeper then unmaps the clean library pages the imports touched (the daemon maps what it
+uses). And
 ``serve`` loads no OpenSSL (Python's ``ssl`` and ``_hashlib``): the runner's TLS is
 gRPC's own, and its token check works the same without it.
 """
@@ -24,6 +26,7 @@ from forgehand.runner import errors
 from forgehand.runner.client import RetryPolicy, RunnerClient
 from forgehand.runner.keeper import KEEPER_COMM
 from forgehand.runner.model import RunSpec
+from forgehand.runner.tuning import FileMapping, clean_file_mappings
 
 # `forgehand-runner serve ARGS…` in a process that appends "PID MODULE" to LOG for each
 # module first imported by a process it forked (the daemon).
@@ -156,3 +159,63 @@ async def test_tls_and_its_token_work_without_python_openssl(
         with pytest.raises(errors.Unauthenticated, match="bearer token"):
             await bad.capabilities()
     assert openssl_mapped(runner.daemon()) == []
+
+
+def clean_resident_bytes(pid: int, name: str) -> int:
+    """Resident bytes of ``pid``'s read-only, never-written mappings of files named like
+    ``name``."""
+    smaps = Path(f"/proc/{pid}/smaps").read_text()
+    return sum(m.resident for m in clean_file_mappings(smaps) if name in m.path)
+
+
+async def test_the_keeper_unmaps_the_libraries_only_the_daemon_runs(
+    runner: SupervisedRunner,
+) -> None:
+    """The imports touched gRPC's library in the process that became the keeper; once the
+    daemon is forked the keeper unmaps those pages, and a run does not bring them back."""
+    await runner.start()
+    async with RunnerClient.unix(runner.socket) as client:
+        for _ in range(3):
+            assert (await client.run(RunSpec(argv=("true",)))).ok
+    in_daemon = clean_resident_bytes(runner.daemon(), "cygrpc")
+    in_keeper = clean_resident_bytes(runner.keeper, "cygrpc")
+    assert in_daemon > 1024 * 1024  # the daemon serves with it
+    assert in_keeper < in_daemon / 4, (in_keeper, in_daemon)
+
+
+SMAPS = """\
+00400000-00500000 r-xp 00000000 08:01 11 /usr/bin/python3.11
+Rss:                 512 kB
+Anonymous:             0 kB
+00600000-00700000 r--p 00100000 08:01 11 /usr/bin/python3.11
+Rss:                  64 kB
+Anonymous:            64 kB
+00700000-00800000 rw-p 00200000 08:01 11 /usr/bin/python3.11
+Rss:                  64 kB
+Anonymous:            64 kB
+00900000-00a00000 r--p 00000000 08:01 12 /tmp/gone (deleted)
+Rss:                   8 kB
+Anonymous:             0 kB
+00a00000-00b00000 r--s 00000000 08:01 13 /dev/shm/shared
+Rss:                   8 kB
+Anonymous:             0 kB
+00b00000-00c00000 r--p 00000000 08:01 14 /usr/lib/with space.so
+Rss:                   4 kB
+Anonymous:             0 kB
+00c00000-00d00000 r--p 00000000 08:01 15 /usr/lib/untouched.so
+Rss:                   0 kB
+Anonymous:             0 kB
+7f0000000000-7f0000001000 r--p 00000000 00:00 0 [vvar]
+Rss:                   4 kB
+Anonymous:             0 kB
+"""
+
+
+def test_only_clean_private_file_mappings_are_unmapped() -> None:
+    """Relocated data made read-only again (private copies), writable, deleted, shared
+    and special mappings are left alone."""
+    assert clean_file_mappings(SMAPS) == [
+        FileMapping(0x400000, 0x500000, 512 * 1024, "/usr/bin/python3.11"),
+        FileMapping(0xB00000, 0xC00000, 4 * 1024, "/usr/lib/with space.so"),
+        FileMapping(0xC00000, 0xD00000, 0, "/usr/lib/untouched.so"),
+    ]

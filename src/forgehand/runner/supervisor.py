@@ -65,7 +65,7 @@ from forgehand.runner.keeper import (
     _signal_group,
     listen,
 )
-from forgehand.runner.tuning import release_free_memory
+from forgehand.runner.tuning import clean_file_pages, forget_file_pages, release_free_memory
 
 MAX_RESTARTS = 5
 RESTART_WINDOW_SECONDS = 60.0
@@ -139,13 +139,15 @@ class Supervisor:
     def start_daemon(self, ready_fd: int | None = None) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
-        release_free_memory()  # freed at start-up: the daemon need not share it
+        imports = clean_file_pages()  # read before the fork: see forget_file_pages
+        release_free_memory()  # freed at start-up (and by that read): no need to share it
         gc.freeze()  # the collector would otherwise touch, and so copy, every shared object
         pid = os.fork()
         if pid == 0:
             self._be_daemon(ready_fd)
         self.daemon_pid = pid
         self.keeper.children[pid] = self.daemon_exited
+        forget_file_pages(imports)  # the imports' pages: the daemon maps what it uses
 
     def daemon_exited(self, status: int) -> None:
         self.daemon_pid = 0
