@@ -283,10 +283,10 @@ class GrpcTransport:
                     yield response
         except errors.Unavailable:
             cut = True  # no spare now: a daemon that just died may leave a dead listener
-            # Short wait for the next hello, but not twice running: a slow daemon gets
-            # its full time on the attempt after.
-            after_cut = hello_seconds != HELLO_AFTER_CUT_SECONDS
-            self._hello_seconds = HELLO_AFTER_CUT_SECONDS if after_cut else HELLO_SECONDS
+            # The next attach waits briefly for its hello (a dead listener is likely now),
+            # but not twice running: a slow daemon gets its full time on the one after.
+            was_short = hello_seconds == HELLO_AFTER_CUT_SECONDS
+            self._hello_seconds = HELLO_SECONDS if was_short else HELLO_AFTER_CUT_SECONDS
             raise
         finally:
             if not cut:
