@@ -19,6 +19,7 @@ import pytest
 from forgehand._proto.runner.v1 import runner_pb2 as pb
 from forgehand.runner import direct_server, errors
 from forgehand.runner.client import GrpcTransport, RunnerClient, UnixConnector
+from forgehand.runner.client.direct import direct_attach
 from forgehand.runner.config import RunnerConfig
 from forgehand.runner.direct import HELLO, HELLO_FEATURE, direct_socket_path
 from forgehand.runner.model import Exited, Output, RunSpec
@@ -287,18 +288,62 @@ async def dead_until_dialled(path: Path) -> AsyncIterator[None]:
 
 
 async def test_a_direct_listener_nobody_serves_is_redialled(
-    server: RunnerServer, direct: Path, monkeypatch: pytest.MonkeyPatch
+    server: RunnerServer, direct: Path
 ) -> None:
-    """Without a hello in time the client takes the connection for a cut and redials."""
-    from forgehand.runner.client import grpc_transport
-
-    monkeypatch.setattr(grpc_transport, "HELLO_SECONDS", 0.2)
+    """No hello, and the socket dialled is no longer at its path: the client takes the
+    connection for a cut and redials."""
     async with RunnerClient.unix(direct.with_name("runner.sock")) as client:
         await client.capabilities()  # learns that the daemon says hello
         async with dead_until_dialled(direct):
             result = await client.run(sh("echo served"))
         assert result.stdout == b"served\n"
         assert client.reconnects >= 1
+
+
+@pytest.mark.parametrize("still_there", [True, False], ids=["slow-daemon", "gone"])
+async def test_a_late_hello_is_waited_for_while_the_socket_stays(
+    short_tmp: Path, still_there: bool
+) -> None:
+    """A daemon whose hello comes after a few checks is only slow: the attach goes on. One
+    whose socket is gone from its path by then is dead: the attach counts as cut."""
+    path = short_tmp / "slow.direct"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    listener.setblocking(False)
+    loop = asyncio.get_running_loop()
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.setblocking(False)
+    await loop.sock_connect(client, str(path))
+    conn, _ = await loop.sock_accept(listener)
+    checks: list[bool] = []
+
+    def still_listening() -> bool:
+        checks.append(still_there)
+        return still_there
+
+    async def answer_after_three_checks() -> None:
+        await wait_for(lambda: len(checks) >= 3)
+        await loop.sock_sendall(
+            conn, HELLO + framed(pb.SessionResponse(tag=1, done=True).SerializeToString())
+        )
+
+    answering = asyncio.create_task(answer_after_three_checks())
+    request = pb.AttachRequest(run_id="r")
+    try:
+        if still_there:
+            assert [r async for r in direct_attach(client, request, None, still_listening)] == []
+            assert len(checks) >= 3
+        else:
+            with pytest.raises(errors.Unavailable, match="no longer at its path"):
+                async for _ in direct_attach(client, request, None, still_listening):
+                    pass
+            assert checks == [False]
+    finally:
+        answering.cancel()
+        await asyncio.gather(answering, return_exceptions=True)
+        conn.close()
+        listener.close()
 
 
 async def test_a_grpc_listener_nobody_serves_is_redialled(server: RunnerServer) -> None:

@@ -205,6 +205,13 @@ Anonymous:             0 kB
 00c00000-00d00000 r--p 00000000 08:01 15 /usr/lib/untouched.so
 Rss:                   0 kB
 Anonymous:             0 kB
+00d00000-00e00000 r--p 00000000 08:01 16 /usr/lib/relocated-then-swapped.so
+Rss:                   4 kB
+Anonymous:             0 kB
+Swap:                  8 kB
+VmFlags: rd mr mw me
+00e00000-00f00000 r--p 00000000 08:01 17 /usr/lib/no-anonymous-line.so
+Rss:                   4 kB
 7f0000000000-7f0000001000 r--p 00000000 00:00 0 [vvar]
 Rss:                   4 kB
 Anonymous:             0 kB
@@ -212,8 +219,9 @@ Anonymous:             0 kB
 
 
 def test_only_clean_private_file_mappings_are_unmapped() -> None:
-    """Relocated data made read-only again (private copies), writable, deleted, shared
-    and special mappings are left alone."""
+    """Relocated data made read-only again (private copies, in memory or swapped out),
+    writable, deleted, shared and special mappings, and any whose private copies smaps
+    does not show, are left alone."""
     assert clean_file_mappings(SMAPS) == [
         FileMapping(0x400000, 0x500000, 512 * 1024, "/usr/bin/python3.11"),
         FileMapping(0xB00000, 0xC00000, 4 * 1024, "/usr/lib/with space.so"),

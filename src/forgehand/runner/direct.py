@@ -12,14 +12,16 @@ Wire format (all integers little-endian):
 - The daemon listens on ``<grpc socket path>.direct`` (mode 0600, as the gRPC socket).
 - On accepting a connection the daemon sends a *hello*: one frame holding an empty
   ``SessionResponse`` but for ``tag`` (``HELLO``). A daemon that does so lists
-  ``direct-hello`` among its Capabilities features, and a client that knows it takes a
-  connection that brings no frame within ``HELLO_SECONDS`` (``HELLO_AFTER_CUT_SECONDS``
-  right after a cut) for a dead listener, and redials as after a cut. Why: a listening
-  socket can outlive its daemon. Under gVisor with ``--host-uds=create`` the gofer keeps
-  its own copy of the socket it bound, so a connection made after the daemon died is
-  accepted and never served; without the hello an attach of a quiet run could not tell it
-  from a live one. Clients that do not look for the hello skip it like any frame without
-  a response.
+  ``direct-hello`` among its Capabilities features. Why: a listening socket can outlive
+  its daemon. Under gVisor with ``--host-uds=create`` the gofer keeps its own copy of the
+  socket it bound, so a connection made after the daemon died is accepted and never
+  served; without the hello an attach of a quiet run could not tell it from a live one.
+  A client that knows the feature, while its hello is late, checks every
+  ``HELLO_CHECK_SECONDS`` that the socket file it dialled is still the one at the path
+  (the keeper removes a dead daemon's at once, and the next daemon binds a new one). If
+  it is not, the connection counts as cut and the client redials; if it is, the daemon is
+  only slow, and the client waits on. Clients that do not look for the hello skip it like
+  any frame without a response.
 - The client sends one frame, ``u32 length | AttachRequest``, within
   ``REQUEST_SECONDS``; ``start`` may be set, exactly as on gRPC (idempotent).
 - The daemon answers with frames ``u32 length | SessionResponse``: the ``response``
@@ -49,11 +51,8 @@ FRAME = struct.Struct("<I")
 SUFFIX = ".direct"
 TAG = 1
 REQUEST_SECONDS = 10.0
-HELLO_SECONDS = 5.0
-"""How long a client that expects the hello waits for it (a busy daemon accepts late)."""
-HELLO_AFTER_CUT_SECONDS = 0.5
-"""… on the first attach after a cut, when a dead listener is likely: the client notices
-its daemon's death before the keeper has removed the socket."""
+HELLO_CHECK_SECONDS = 0.5
+"""How often a client whose hello is late checks the socket it dialled (see above)."""
 HELLO_FEATURE = "direct-hello"
 HELLO = FRAME.pack(2) + b"\x08" + bytes([TAG])  # SessionResponse{tag: 1}
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, NUL included

@@ -89,28 +89,33 @@ def forget_file_pages(mappings: list[FileMapping]) -> int:
 
 def clean_file_mappings(smaps: str) -> list[FileMapping]:
     """Each private read-only mapping of a file with no private copies, from the text of
-    ``/proc/PID/smaps``. Mappings holding private copies (``Anonymous`` above 0:
-    relocated data made read-only again) and writable ones are left out: unmapping those
-    would lose data."""
+    ``/proc/PID/smaps``. Mappings holding private copies, in memory (``Anonymous``) or
+    swapped out (``Swap``) — relocated data made read-only again —, and writable ones are
+    left out: unmapping those would lose data."""
     found: list[FileMapping] = []
-    current: tuple[int, int, str] | None = None
-    resident = 0
+    candidate: tuple[int, int, str] | None = None
+    counts: dict[str, int] = {}
+
+    def settle() -> None:
+        private_copies = counts.get("Anonymous", -1), counts.get("Swap", 0)
+        if candidate is not None and private_copies == (0, 0):
+            found.append(FileMapping(*candidate[:2], counts.get("Rss", 0) * 1024, candidate[2]))
+
     for line in smaps.splitlines():
         fields = line.split()
         if not fields:
             continue
-        if not fields[0].endswith(":"):  # a mapping's header line
-            current = None
-            span, perms = fields[0], fields[1]
-            path = " ".join(fields[5:])
-            regular = path.startswith("/") and not path.endswith("(deleted)")
-            if regular and "w" not in perms and perms.endswith("p"):
-                low, high = span.split("-")
-                current = (int(low, 16), int(high, 16), path)
-        elif current is not None and fields[0] == "Rss:":
-            resident = int(fields[1]) * 1024
-        elif current is not None and fields[0] == "Anonymous:":
-            if int(fields[1]) == 0:
-                found.append(FileMapping(current[0], current[1], resident, current[2]))
-            current = None
+        if fields[0].endswith(":"):
+            if len(fields) >= 2 and fields[1].isdigit():
+                counts[fields[0][:-1]] = int(fields[1])
+            continue
+        settle()  # a mapping's header line: the one before is complete
+        candidate, counts = None, {}
+        span, perms = fields[0], fields[1]
+        path = " ".join(fields[5:])
+        regular = path.startswith("/") and not path.endswith("(deleted)")
+        if regular and "w" not in perms and perms.endswith("p"):
+            low, high = span.split("-")
+            candidate = (int(low, 16), int(high, 16), path)
+    settle()
     return found

@@ -14,7 +14,13 @@ import stat
 from pathlib import Path
 
 from forgehand.runner import errors as runner_errors
-from forgehand.runner.client.connectors import LOCAL_SOCKET_OPTIONS, Dial, connect_unix
+from forgehand.runner.client.connectors import (
+    LOCAL_SOCKET_OPTIONS,
+    Dial,
+    ListenerId,
+    connect_unix,
+    listener_at,
+)
 from forgehand.runner.direct import direct_socket_path
 
 
@@ -57,6 +63,9 @@ class PinnedSocketConnector:
             return await connect_unix(f"/proc/self/fd/{fd}")
         finally:
             os.close(fd)
+
+    def direct_listener(self) -> ListenerId | None:
+        return None if self._direct is None else listener_at(self._direct)
 
     async def close(self) -> None:
         fd, self._fd = self._fd, -1

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import stat
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +51,19 @@ class Connector(Protocol):
     async def close(self) -> None: ...
 
 
+ListenerId = tuple[int, int]
+"""A socket file's ``(st_dev, st_ino)``: which listener a path leads to."""
+
+
+def listener_at(path: Path) -> ListenerId | None:
+    """Which socket file is at ``path`` now (a symlink is not followed); None: none."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino) if stat.S_ISSOCK(info.st_mode) else None
+
+
 @runtime_checkable
 class DirectConnector(Protocol):
     """A connector that can also reach the daemon's direct attach channel."""
@@ -57,6 +71,12 @@ class DirectConnector(Protocol):
     async def connect_direct(self) -> socket.socket | None:
         """A connected non-blocking socket, or None when the daemon has no direct channel
         (the caller then attaches over gRPC)."""
+        ...
+
+    def direct_listener(self) -> ListenerId | None:
+        """Which socket file is at the direct channel's path now (None: none). A client
+        that dialled one and waits for its hello asks again to tell a slow daemon from a
+        gone one (``forgehand.runner.direct``)."""
         ...
 
 
@@ -86,6 +106,9 @@ class UnixConnector:
 
     async def connect_direct(self) -> socket.socket | None:
         return None if self._direct is None else await connect_unix(str(self._direct))
+
+    def direct_listener(self) -> ListenerId | None:
+        return None if self._direct is None else listener_at(self._direct)
 
     async def close(self) -> None:
         return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
@@ -12,7 +12,7 @@ from google.protobuf.message import DecodeError
 
 from forgehand._proto.runner.v1 import runner_pb2 as pb
 from forgehand.runner import errors
-from forgehand.runner.direct import FRAME
+from forgehand.runner.direct import FRAME, HELLO_CHECK_SECONDS
 
 HEAD_BYTES = 64 * 1024  # small frames are read many at a time into this buffer
 MAX_FRAME_BYTES = 512 * 1024 * 1024
@@ -24,19 +24,20 @@ async def direct_attach(
     sock: socket.socket,
     request: pb.AttachRequest,
     deadline: float | None,
-    hello_seconds: float | None = None,
+    still_listening: Callable[[], bool] | None = None,
 ) -> AsyncIterator[pb.AttachResponse]:
     """Attach over ``sock`` (connected, non-blocking; closed when this ends). A connection
     that ends before the last frame raises ``Unavailable``, like a cut gRPC stream, so the
-    caller resumes after the last seq it saw; so does one that brings no frame within
-    ``hello_seconds`` (None: the daemon says no hello, wait as long as the deadline)."""
+    caller resumes after the last seq it saw. ``still_listening`` (None: the daemon sends
+    no hello) tells whether the socket dialled is still the one at its path: asked while
+    the hello is late, and a no is ``Unavailable`` too (``forgehand.runner.direct``)."""
     loop = asyncio.get_running_loop()
     end = None if deadline is None else loop.time() + deadline
     try:
         payload = request.SerializeToString()
         await _within(end, deadline, loop.sock_sendall(sock, FRAME.pack(len(payload)) + payload))
         frames = _Frames(sock)
-        first = None if hello_seconds is None else _hello(frames, hello_seconds, end, deadline)
+        first = None if still_listening is None else _hello(frames, still_listening, end, deadline)
         while True:
             frame = await (first or _within(end, deadline, frames.next()))
             first = None
@@ -58,19 +59,29 @@ async def direct_attach(
 
 
 async def _hello(
-    frames: _Frames, hello_seconds: float, end: float | None, deadline: float | None
+    frames: _Frames, still_listening: Callable[[], bool], end: float | None, deadline: float | None
 ) -> memoryview:
-    """The first frame (the hello, or anything after it), within ``hello_seconds``."""
+    """The first frame (the hello), waited for while the listener dialled is still the one
+    at its path, and the deadline allows."""
     loop = asyncio.get_running_loop()
-    if end is not None and end - loop.time() <= hello_seconds:
-        return await _within(end, deadline, frames.next())
+    first = asyncio.ensure_future(frames.next())
     try:
-        return await asyncio.wait_for(frames.next(), hello_seconds)
-    except TimeoutError:
-        raise errors.Unavailable(
-            f"the runner's direct channel sent no hello within {hello_seconds:g}s: a "
-            "listener its daemon no longer serves (redialling)"
-        ) from None
+        while True:
+            wait = HELLO_CHECK_SECONDS
+            if end is not None:
+                wait = min(wait, max(0.0, end - loop.time()))
+            done, _ = await asyncio.wait({first}, timeout=wait)
+            if done:
+                return first.result()
+            if end is not None and loop.time() >= end:
+                raise errors.DeadlineExceeded(f"no answer within {deadline}s")
+            if not still_listening():
+                raise errors.Unavailable(
+                    "the runner's direct channel sent no hello, and the socket dialled is no "
+                    "longer at its path: its daemon is gone (redialling)"
+                )
+    finally:
+        first.cancel()
 
 
 async def _within(end: float | None, deadline: float | None, step: Awaitable[T]) -> T:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -13,15 +13,10 @@ from grpc.aio import EOF  # type: ignore[attr-defined]
 
 from forgehand._proto.runner.v1 import runner_pb2 as pb
 from forgehand.runner import errors
-from forgehand.runner.client.connectors import Connector, DirectConnector
+from forgehand.runner.client.connectors import Connector, DirectConnector, ListenerId
 from forgehand.runner.client.direct import direct_attach
 from forgehand.runner.client.transport import closing_stream
-from forgehand.runner.direct import (
-    HELLO_AFTER_CUT_SECONDS,
-    HELLO_FEATURE,
-    HELLO_SECONDS,
-    REQUEST_SECONDS,
-)
+from forgehand.runner.direct import HELLO_FEATURE, REQUEST_SECONDS
 
 SERVICE = "/forgehand.runner.v1.Runner/"
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -149,10 +144,10 @@ class GrpcTransport:
         self.use_direct = use_direct
         """Attach over the direct channel where the connector offers it (off: always gRPC)."""
         self._direct_connector = connector if isinstance(connector, DirectConnector) else None
-        self._spare: tuple[socket.socket, float] | None = None  # (connection, made at)
+        # (connection, made at, the listener dialled)
+        self._spare: tuple[socket.socket, float, ListenerId | None] | None = None
         self._spare_task: asyncio.Task[None] | None = None
         self._redials = 0  # a spare connected across a reconnect is not kept
-        self._hello_seconds = HELLO_SECONDS  # HELLO_AFTER_CUT_SECONDS once after a cut
         self._closed = False
         self._channel: grpc.aio.Channel | None = None
         self._lock = asyncio.Lock()
@@ -264,44 +259,44 @@ class GrpcTransport:
     ) -> AsyncIterator[pb.AttachResponse] | None:
         if not self.use_direct or self._direct_connector is None:
             return None
-        hello = self._hello_seconds if await self._offers(HELLO_FEATURE, deadline) else None
-        sock = self._take_spare() or await self._direct_connector.connect_direct()
-        return None if sock is None else self._direct_attach(sock, request, deadline, hello)
+        connector = self._direct_connector
+        hello = await self._offers(HELLO_FEATURE, deadline)
+        dialled = self._take_spare() or await _dial_direct(connector)
+        if dialled is None:
+            return None
+        sock, listener = dialled
+        still_listening = (lambda: connector.direct_listener() == listener) if hello else None
+        return self._direct_attach(sock, request, deadline, still_listening)
 
     async def _direct_attach(
         self,
         sock: socket.socket,
         request: pb.AttachRequest,
         deadline: float | None,
-        hello_seconds: float | None,
+        still_listening: Callable[[], bool] | None,
     ) -> AsyncIterator[pb.AttachResponse]:
         cut = False
         try:
-            responses = direct_attach(sock, request, deadline, hello_seconds)
+            responses = direct_attach(sock, request, deadline, still_listening)
             async with closing_stream(responses):
                 async for response in responses:
                     yield response
         except errors.Unavailable:
             cut = True  # no spare now: a daemon that just died may leave a dead listener
-            # The next attach waits briefly for its hello (a dead listener is likely now),
-            # but not twice running: a slow daemon gets its full time on the one after.
-            was_short = hello_seconds == HELLO_AFTER_CUT_SECONDS
-            self._hello_seconds = HELLO_SECONDS if was_short else HELLO_AFTER_CUT_SECONDS
             raise
         finally:
             if not cut:
-                self._hello_seconds = HELLO_SECONDS
                 self._schedule_spare()
 
-    def _take_spare(self) -> socket.socket | None:
+    def _take_spare(self) -> tuple[socket.socket, ListenerId | None] | None:
         """The connection made after the last attach, if it is young enough that the
         daemon still waits for its request (it drops a silent one after REQUEST_SECONDS)."""
         spare, self._spare = self._spare, None
         if spare is None:
             return None
-        sock, made = spare
+        sock, made, listener = spare
         if asyncio.get_running_loop().time() - made < REQUEST_SECONDS / 2:
-            return sock
+            return sock, listener
         sock.close()
         return None
 
@@ -322,13 +317,14 @@ class GrpcTransport:
             return
         redials = self._redials
         with contextlib.suppress(OSError, errors.RunnerError):
-            sock = await self._direct_connector.connect_direct()
-            if sock is not None:
+            dialled = await _dial_direct(self._direct_connector)
+            if dialled is not None:
+                sock, listener = dialled
                 # Another attach ended first, or the connection was given up meanwhile.
                 if self._spare is not None or self._closed or self._redials != redials:
                     sock.close()
                 else:
-                    self._spare = (sock, asyncio.get_running_loop().time())
+                    self._spare = (sock, asyncio.get_running_loop().time(), listener)
 
     def _drop_spare(self) -> None:
         spare, self._spare = self._spare, None
@@ -419,3 +415,14 @@ class GrpcTransport:
         await self.reconnect()
         await asyncio.gather(*self._closing)
         await self.connector.close()
+
+
+async def _dial_direct(
+    connector: DirectConnector,
+) -> tuple[socket.socket, ListenerId | None] | None:
+    """A connection to the direct channel and the socket file it was dialled through (read
+    just before: if the file changes in between, the check after a late hello only makes
+    the client redial once more)."""
+    listener = connector.direct_listener()
+    sock = await connector.connect_direct()
+    return None if sock is None else (sock, listener)
