@@ -1,5 +1,6 @@
 """``forgehand sandbox run|ls|gc``, ``forgehand doctor`` and ``forgehand bench sandbox``
-as a user runs them: real processes, real bwrap sandboxes."""
+as a user runs them: real processes, real bwrap sandboxes (and gVisor and podman ones
+where a limit breach must say why)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,12 @@ import sys
 
 import pytest
 from bwrap_support import NEEDS_BWRAP
+from sandbox_support import needs_backend
+
+from forgehand.sandbox.gvisor import GVisorConfig
+from forgehand.sandbox.gvisor import check_host as check_gvisor
+from forgehand.sandbox.podman import PodmanConfig
+from forgehand.sandbox.podman import check_host as check_podman
 
 pytestmark = NEEDS_BWRAP
 
@@ -32,21 +39,33 @@ def test_run_copies_output_byte_exact_and_exits_with_the_code() -> None:
     assert (done.returncode, done.stdout, done.stderr) == (7, b"a\0b", b"e\n")
 
 
-def test_limit_breach_prints_the_reason() -> None:
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param(("bwrap", "process"), id="bwrap"),
+        pytest.param(
+            ("gvisor", "kernel"),
+            id="gvisor",
+            marks=needs_backend("gvisor", lambda: check_gvisor(GVisorConfig())),
+        ),
+        pytest.param(
+            ("podman", "container"),
+            id="podman",
+            marks=needs_backend("podman", lambda: check_podman(PodmanConfig())),
+        ),
+    ],
+)
+def test_limit_breach_prints_the_reason(backend: tuple[str, str]) -> None:
+    """Also where the breach ends the whole sandbox (gVisor), even before the run's start
+    is answered: the reason, not a runner that stayed unreachable."""
+    name, isolation = backend
     done = forgehand(
-        "sandbox",
-        "run",
-        "--backend",
-        "bwrap",
-        "--memory",
-        "64M",
-        "--",
-        "python3",
-        "-c",
-        "x = [bytearray(16 << 20) for _ in range(64)]",
+        *("sandbox", "run", "--backend", name, "--isolation", isolation, "--memory", "64M"),
+        *("--", "python3", "-c", "x = [bytearray(16 << 20) for _ in range(64)]"),
     )
     assert done.returncode != 0
-    assert b"oom" in done.stderr
+    assert b"oom" in done.stderr, done.stderr
+    assert b"unreachable" not in done.stderr
 
 
 def test_stronger_isolation_than_available_fails_closed() -> None:

@@ -3,7 +3,8 @@
 ``sandbox run`` starts one sandbox, runs the command through its runner, writes the
 command's stdout and stderr byte for byte to its own, and exits with the command's code.
 A limit breach (oom, timeout, output limit) prints the reason on stderr and exits
-non-zero (128 + signal when the command was killed, else 125).
+non-zero (128 + signal when the command was killed, else 125), also where the breach
+ends the whole sandbox (gVisor on out-of-memory or pids).
 """
 
 from __future__ import annotations
@@ -19,12 +20,20 @@ from pydantic import ValidationError
 
 from forgehand.cli.runner import RUNNER_FAILURE, stream_run
 from forgehand.runner import errors as runner_errors
-from forgehand.sandbox.backend import Sandbox, SandboxBackend, choose_backend, load_backends
+from forgehand.runner.model import RunSpec
+from forgehand.sandbox.backend import (
+    EndsOnItsOwn,
+    Sandbox,
+    SandboxBackend,
+    choose_backend,
+    load_backends,
+)
 from forgehand.sandbox.errors import SandboxError
 from forgehand.sandbox.runs import run_spec
 from forgehand.sandbox.spec import SandboxSpec
 
 WORK_ROOT = Path("/run/forgehand/work")
+END_GRACE_SECONDS = 10.0
 USAGE_ERROR = 2
 
 
@@ -117,8 +126,34 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 async def _run_in(sandbox: Sandbox, spec: SandboxSpec, command: list[str]) -> int:
-    runner_spec = run_spec(spec, command)
-    run_id = await sandbox.client.start(runner_spec)
+    running = _start_and_stream(sandbox, run_spec(spec, command))
+    if not isinstance(sandbox, EndsOnItsOwn):
+        return await running
+    # The sandbox may end under the run (gVisor on out-of-memory), even before its start
+    # is answered: the client would only see the runner vanish, and retry for seconds
+    # before saying so. The sandbox's watcher says why.
+    streaming = asyncio.ensure_future(running)
+    ending = asyncio.ensure_future(sandbox.wait_ended())
+    try:
+        await asyncio.wait({streaming, ending}, return_when=asyncio.FIRST_COMPLETED)
+        if not streaming.done() and ending.exception() is not None:
+            await asyncio.wait({streaming})  # the sandbox cannot say: the run decides
+        elif not ending.done() and streaming.exception() is not None:
+            # The runner vanished: give the sandbox's watcher time to say whether it ended.
+            await asyncio.wait({ending}, timeout=END_GRACE_SECONDS)
+    finally:
+        for task in (streaming, ending):
+            task.cancel()
+        await asyncio.gather(streaming, ending, return_exceptions=True)
+    end = None if ending.cancelled() or ending.exception() else ending.result()
+    if end is not None and (streaming.cancelled() or streaming.exception() is not None):
+        print(f"forgehand: the sandbox ended: {end.reason.value}: {end.detail}", file=sys.stderr)
+        return RUNNER_FAILURE
+    return streaming.result()  # the run's own end, or its error
+
+
+async def _start_and_stream(sandbox: Sandbox, spec: RunSpec) -> int:
+    run_id = await sandbox.client.start(spec)
     return await stream_run(sandbox.client, run_id, 0)
 
 

@@ -20,11 +20,14 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from forgehand.runner.client import RunnerClient
 from forgehand.sandbox.errors import IsolationUnavailable
 from forgehand.sandbox.spec import IsolationLevel, Limits, NetworkPolicy, SandboxSpec
+
+if TYPE_CHECKING:
+    from forgehand.sandbox.rootfs import SandboxEnd
 
 # Stronger levels satisfy weaker requests: a container or user-space kernel also isolates
 # processes. `kernel` (gVisor) is the strongest available here.
@@ -75,6 +78,17 @@ class Sandbox(Protocol):
     @property
     def work_dir(self) -> Path:
         """The work dir as the host sees it."""
+
+
+@runtime_checkable
+class EndsOnItsOwn(Protocol):
+    """A sandbox that can stop before it is destroyed, taking its runner with it: gVisor
+    ends the whole sandbox when it runs out of memory or pids, a container when its init
+    dies. Its runner's client then only sees the connection fail; this says why."""
+
+    async def wait_ended(self) -> SandboxEnd:
+        """Wait until the sandbox stops on its own; why it did."""
+        ...
 
 
 class SandboxBackend(Protocol):
