@@ -272,6 +272,20 @@ async def _killing_after(
             os.kill(daemon, signal.SIGKILL)
 
 
+async def test_a_daemon_ended_by_a_real_time_signal_is_restarted(
+    supervised: ForkingDaemon,
+) -> None:
+    """A run can signal the daemon (same uid); naming a real-time signal once ended the
+    supervisor, and the sandbox with it."""
+    supervisor = supervisor_pid(supervised)
+    first = await next_daemon(supervisor)
+    os.kill(first, signal.SIGRTMIN + 6)
+    assert await next_daemon(supervisor, first) != first
+    async with RunnerClient.unix(supervised.socket) as client:
+        assert (await client.run(RunSpec(argv=("echo", "again")))).stdout == b"again\n"
+    assert "killed by SIGRTMIN+6: restarting it" in supervised.log.read_text()
+
+
 async def test_a_daemon_that_keeps_crashing_is_given_up_on(supervised: ForkingDaemon) -> None:
     supervisor = supervisor_pid(supervised)
     sleeper = await start_sleeper(supervised.socket)

@@ -11,7 +11,8 @@ from conftest import make_config
 
 from forgehand._proto.runner.v1 import runner_pb2 as pb
 from forgehand.runner import errors
-from forgehand.runner.client import RunnerClient
+from forgehand.runner.client import LocalTransport, RunnerClient
+from forgehand.runner.core import RunnerCore
 from forgehand.runner.model import (
     Event,
     Exited,
@@ -119,6 +120,59 @@ async def test_signalled_exit_reports_the_signal(client: RunnerClient) -> None:
     assert result.exit.reason is ExitReason.SIGNALLED
     assert result.exit.signal == 9
     assert result.exit.code == -1
+
+
+async def test_a_real_time_signal_is_reported_and_the_runner_carries_on(
+    client: RunnerClient,
+) -> None:
+    """``signal.Signals`` has no member for most real-time signals; naming one once ended
+    the keeper, and every run of the sandbox with it."""
+    result = await client.run(sh("kill -40 $$"))
+    assert (result.exit.reason, result.exit.signal) == (ExitReason.SIGNALLED, 40)
+    assert result.exit.message == "killed by signal SIGRTMIN+6"
+    assert (await client.run(sh("echo still here"))).stdout == b"still here\n"
+
+
+@pytest.mark.parametrize(
+    ("script", "reason", "message"),
+    [
+        ("bump; exit 3", ExitReason.OOM, "exited with status 3 after the out-of-memory killer"),
+        ("bump; kill -KILL $$", ExitReason.OOM, "killed by the out-of-memory killer"),
+        ("bump; kill -SEGV $$", ExitReason.OOM, "killed by SIGSEGV after the out-of-memory"),
+        ("bump; exit 0", ExitReason.EXITED, ""),
+        ("exit 3", ExitReason.EXITED, ""),
+        ("kill -KILL $$", ExitReason.SIGNALLED, "killed by signal SIGKILL"),
+    ],
+)
+async def test_a_run_that_fails_while_the_oom_counter_rises_ended_by_oom(
+    short_tmp: Path, script: str, reason: ExitReason, message: str
+) -> None:
+    """The OOM killer may pick a child of the run, or (gVisor) a process of the sandbox's
+    kernel: the run then fails any way at all. ``memory_events`` is a stand-in for the
+    cgroup's file, which the script bumps as the killer would."""
+    events = short_tmp / "memory.events"
+    events.write_text("low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n")
+    config = make_config(short_tmp, memory_events=str(events))
+    bump = f"bump() {{ printf 'max 9\\noom 2\\noom_kill 2\\n' > {events}; }}"
+    async with RunnerCore(config) as core, RunnerClient(LocalTransport(core)) as client:
+        result = await client.run(sh(f"{bump}; {script}"))
+    assert result.exit.reason is reason
+    assert result.exit.message.startswith(message)
+
+
+async def test_a_run_we_ended_keeps_its_reason_when_the_oom_counter_rose(
+    short_tmp: Path,
+) -> None:
+    events = short_tmp / "memory.events"
+    events.write_text("oom_kill 0\n")
+    config = make_config(short_tmp, memory_events=str(events))
+    script = f"trap 'exit 7' TERM; echo oom_kill 1 > {events}; echo ready; sleep 30 & wait"
+    async with RunnerCore(config) as core, RunnerClient(LocalTransport(core)) as client:
+        run_id = await client.start(sh(script))
+        await _wait_output(client, run_id, b"ready")
+        assert await client.cancel(run_id, grace_seconds=5)
+        result = await client.collect(run_id)
+    assert (result.exit.reason, result.exit.code) == (ExitReason.CANCELLED, 7)
 
 
 async def test_cancel_is_graceful(client: RunnerClient) -> None:
@@ -341,10 +395,6 @@ def _alive(pid: int) -> bool:
 
 
 async def test_max_runs_is_resource_exhausted(short_tmp: Path) -> None:
-
-    from forgehand.runner.client import LocalTransport
-    from forgehand.runner.core import RunnerCore
-
     async with RunnerCore(make_config(short_tmp, max_runs=2)) as core:
         client = RunnerClient(LocalTransport(core))
         for i in range(2):

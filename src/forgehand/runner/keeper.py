@@ -108,6 +108,26 @@ def _set_subreaper() -> None:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
+def signal_name(number: int) -> str:
+    """``SIGTERM``; a real-time signal, which ``signal.Signals`` lacks, as ``SIGRTMIN+6``."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        if signal.SIGRTMIN < number < signal.SIGRTMAX:
+            return f"SIGRTMIN+{number - signal.SIGRTMIN}"
+        return f"signal {number}"
+
+
+def _oom_message(code: int, sig: int) -> str:
+    """Why a run that failed while the sandbox's OOM counter rose ended. Not only SIGKILL
+    of the run itself: the killer may pick a child of it (a compiler under ``make``), and
+    the run then fails in its own way."""
+    if sig == signal.SIGKILL:
+        return "killed by the out-of-memory killer"
+    how = f"killed by {signal_name(sig)}" if sig else f"exited with status {code}"
+    return f"{how} after the out-of-memory killer struck in the sandbox while it ran"
+
+
 def _oom_kills(path: str) -> int:
     """The oom_kill counter of a cgroup's memory.events (v2) or memory.oom_control (v1)."""
     if not path:
@@ -746,18 +766,16 @@ class Keeper:
             code, sig = -1, os.WTERMSIG(status)
         else:
             code, sig = os.waitstatus_to_exitcode(status), 0
-        reason, message = self._reason(run, sig)
+        reason, message = self._reason(run, code, sig)
         self._write_exit(run, code, sig, reason, message, rusage)
 
-    def _reason(self, run: Run, sig: int) -> tuple[int, str]:
-        if run.kill_reason and (sig or run.kill_reason == pb.EXIT_REASON_ERROR):
+    def _reason(self, run: Run, code: int, sig: int) -> tuple[int, str]:
+        if run.kill_reason:  # we ended it (timeout, cancel, output limit), however it went
             return run.kill_reason, run.kill_message
-        if sig == signal.SIGKILL and _oom_kills(self.settings.memory_events) > run.oom_before:
-            return pb.EXIT_REASON_OOM, "killed by the out-of-memory killer"
+        if (sig or code) and _oom_kills(self.settings.memory_events) > run.oom_before:
+            return pb.EXIT_REASON_OOM, _oom_message(code, sig)
         if sig:
-            return pb.EXIT_REASON_SIGNALLED, f"killed by signal {signal.Signals(sig).name}"
-        if run.kill_reason:
-            return run.kill_reason, run.kill_message
+            return pb.EXIT_REASON_SIGNALLED, f"killed by signal {signal_name(sig)}"
         return pb.EXIT_REASON_EXITED, ""
 
     def _write_exit(

@@ -64,6 +64,7 @@ from forgehand.runner.keeper import (
     _set_comm,
     _signal_group,
     listen,
+    signal_name,
 )
 from forgehand.runner.tuning import clean_file_pages, forget_file_pages, release_free_memory
 
@@ -158,7 +159,7 @@ class Supervisor:
         if code in (0, SETTINGS_EXIT):
             self.stop(code, f"the daemon exited with status {code}: stopping")
             return
-        why = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+        why = f"killed by {signal_name(-code)}" if code < 0 else f"exited with {code}"
         now = time.monotonic()
         while self.restarts and now - self.restarts[0] > RESTART_WINDOW_SECONDS:
             self.restarts.popleft()
