@@ -51,21 +51,23 @@ class Hierarchy:
 
 
 def detect_hierarchies(mounts: str | None = None) -> dict[Controller, Hierarchy]:
-    """Find each controller's hierarchy; a v1 mount wins over the v2 tree for a controller."""
+    """Find each controller's hierarchy; a v1 mount wins over the v2 tree for a controller.
+
+    A controller's first mount on a directory is its hierarchy. Later ones are binds of
+    a part of it (a container manager binding a group's directory, or one file of it,
+    into a container's root on the host) and must not be taken for the hierarchy."""
     text = mounts if mounts is not None else Path("/proc/self/mounts").read_text()
     found: dict[Controller, Hierarchy] = {}
     for fields in (line.split() for line in text.splitlines()):
-        if len(fields) >= 4 and fields[2] == "cgroup":
-            found.update(_v1_controllers(Path(fields[1]), fields[3].split(",")))
+        if len(fields) >= 4 and fields[2] == "cgroup" and Path(fields[1]).is_dir():
+            for controller in Controller:
+                if controller.value in fields[3].split(","):
+                    found.setdefault(controller, Hierarchy(controller, Path(fields[1]), 1))
     for fields in (line.split() for line in text.splitlines()):
         if len(fields) >= 4 and fields[2] == "cgroup2":
             for controller in _v2_controllers(Path(fields[1])):
                 found.setdefault(controller, Hierarchy(controller, Path(fields[1]), 2))
     return found
-
-
-def _v1_controllers(mount: Path, options: list[str]) -> dict[Controller, Hierarchy]:
-    return {c: Hierarchy(c, mount, 1) for c in Controller if c.value in options}
 
 
 def _v2_controllers(mount: Path) -> list[Controller]:
