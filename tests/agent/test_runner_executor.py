@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from forgehand.agent.runner_executor import RunnerToolExecutor
+from forgehand.agent.runner_executor import OOM_NOTE, RunnerToolExecutor
 from forgehand.agent.tools import BUILTIN_TOOLS, apply_edit, numbered
 from forgehand.runner.client import RunnerClient
 
@@ -140,6 +140,33 @@ async def test_send_input_and_cancel(tools: RunnerToolExecutor) -> None:
     assert "[cancelled]" in stopped.text
     again = await tools.wait(sleeper.handle, 1.0)
     assert again.is_error
+
+
+@pytest.mark.parametrize(
+    ("command", "noted"),
+    [
+        ("bump; exit 1", True),  # gVisor: the killer took a stub process, the run exits 1
+        ("bump; kill -KILL $$", True),
+        ("bump; exit 0", False),  # it did not fail
+        ("exit 1", False),  # it failed, but the killer did not strike meanwhile
+    ],
+)
+async def test_a_failed_run_says_when_the_oom_killer_struck_meanwhile(
+    runner: tuple[RunnerClient, Path], command: str, noted: bool
+) -> None:
+    """Where the runner cannot see the sandbox's OOM kills (gVisor), the host counts
+    them; here the count is a file the command bumps."""
+    client, work = runner
+    count = work / "oom-kills"
+    count.write_text("2")
+
+    async def oom_kills() -> int:
+        return int(count.read_text())
+
+    tools = RunnerToolExecutor(client, str(work), env=run_env(), oom_kills=oom_kills)
+    bump = f"bump() {{ echo 3 > {count}; }}"
+    outcome = await tools.call("run", {"command": f"{bump}; {command}"}, yield_after=YIELD)
+    assert outcome.text.endswith(OOM_NOTE) is noted, outcome.text
 
 
 async def test_run_timeout(tools: RunnerToolExecutor) -> None:

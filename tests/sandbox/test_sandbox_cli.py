@@ -68,6 +68,23 @@ def test_limit_breach_prints_the_reason(backend: tuple[str, str]) -> None:
     assert b"unreachable" not in done.stderr
 
 
+GVISOR = pytest.param(
+    "gvisor", id="gvisor", marks=needs_backend("gvisor", lambda: check_gvisor(GVisorConfig()))
+)
+
+
+@pytest.mark.parametrize("name", [GVISOR])
+def test_a_run_gvisor_fails_for_lack_of_memory_says_so(name: str) -> None:
+    """With room for the Sentry, the OOM killer picks the stub process that holds the
+    hog's memory: the run only exits 1, and the sandbox's cgroup tells why."""
+    done = forgehand(
+        *("sandbox", "run", "--backend", name, "--memory", "1G", "--"),
+        *("python3", "-c", "x = []\nwhile True: x.append(bytearray(50 << 20))"),
+    )
+    assert done.returncode == 1
+    assert b"out-of-memory killer struck" in done.stderr, done.stderr
+
+
 def test_stronger_isolation_than_available_fails_closed() -> None:
     done = forgehand("sandbox", "run", "--backend", "bwrap", "--isolation", "kernel", "--", "true")
     assert done.returncode != 0

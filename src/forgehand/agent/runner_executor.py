@@ -19,7 +19,7 @@ import itertools
 import json
 import posixpath
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from forgehand.agent.exceptions import ExecutorFault
@@ -59,6 +59,12 @@ _MODEL_ERRORS = (
     errors.ResourceExhausted,
 )
 Handler = Callable[[dict[str, Any], float], Awaitable[ToolOutcome]]
+OomCount = Callable[[], Awaitable[int]]
+"""How often the OOM killer struck in the sandbox so far (``CountsOomKills.oom_kills``)."""
+OOM_NOTE = (
+    "\n[the out-of-memory killer struck in the sandbox while this ran: it most likely "
+    "ended for lack of memory]"
+)
 
 
 @dataclass
@@ -66,6 +72,7 @@ class _Pending:
     run_id: str
     last_seq: int
     result: dict[str, Any] | None = None  # a step run's StepResult, once it arrived
+    oom_before: int | None = None  # the sandbox's OOM kills before it started
 
 
 @dataclass(frozen=True)
@@ -91,8 +98,12 @@ class RunnerToolExecutor:
         settings: RunSettings | None = None,
         step_refs: Mapping[str, str] | None = None,
         step_cache_dir: str = "",
+        oom_kills: OomCount | None = None,
     ) -> None:
+        """``oom_kills``: for sandboxes whose runner cannot tell a run the OOM killer
+        ended (gVisor), so that its outcome says so."""
         self.client = client
+        self.oom_kills = oom_kills
         self.step_refs = dict(step_refs or {})  # tool name -> step reference
         self.step_cache_dir = step_cache_dir  # git steps the trusted side staged, if any
         self.work_dir = posixpath.normpath(work_dir)
@@ -176,13 +187,7 @@ class RunnerToolExecutor:
             max_output_bytes=self.settings.max_output_bytes,
             cancel_grace_seconds=self.settings.cancel_grace_s,
         )
-        run_id = await self.client.start(spec)
-        try:
-            return await self._follow(_Pending(run_id, 0), None, yield_after)
-        except asyncio.CancelledError:
-            with contextlib.suppress(errors.RunnerError):
-                await self.client.cancel(run_id, self.settings.cancel_grace_s)
-            raise
+        return await self._start_and_follow(spec, yield_after)
 
     # -- commands -----------------------------------------------------------------------
 
@@ -198,9 +203,13 @@ class RunnerToolExecutor:
             max_output_bytes=self.settings.max_output_bytes,
             cancel_grace_seconds=self.settings.cancel_grace_s,
         )
+        return await self._start_and_follow(spec, yield_after)
+
+    async def _start_and_follow(self, spec: RunSpec, yield_after: float) -> ToolOutcome:
+        oom_before = None if self.oom_kills is None else await self.oom_kills()
         run_id = await self.client.start(spec)
         try:
-            return await self._follow(_Pending(run_id, 0), None, yield_after)
+            return await self._follow(_Pending(run_id, 0, oom_before=oom_before), None, yield_after)
         except asyncio.CancelledError:  # nobody will hold a handle to it: stop it
             with contextlib.suppress(errors.RunnerError):
                 await self.client.cancel(run_id, self.settings.cancel_grace_s)
@@ -232,9 +241,19 @@ class RunnerToolExecutor:
         with contextlib.suppress(errors.RunnerError):
             await self.client.close_run(pending.run_id)
         code = exited.code if exited.reason is ExitReason.EXITED else -1
+        oom = OOM_NOTE if await self._oom_struck(pending, exited) else ""
         if pending.result is not None:  # a step: its outputs or error are the answer
-            return _step_outcome(output, pending.result, code)
-        return ToolOutcome(f"{output}{_exit_note(exited)}", exit_code=code)
+            outcome = _step_outcome(output, pending.result, code)
+            return replace(outcome, text=outcome.text + oom)
+        return ToolOutcome(f"{output}{_exit_note(exited)}{oom}", exit_code=code)
+
+    async def _oom_struck(self, pending: _Pending, exited: Exited) -> bool:
+        """Whether a run that failed without saying why did so as the OOM killer struck."""
+        if self.oom_kills is None or pending.oom_before is None or exited.ok:
+            return False
+        if exited.reason not in (ExitReason.EXITED, ExitReason.SIGNALLED):
+            return False
+        return await self.oom_kills() > pending.oom_before
 
     def _still_running(
         self, pending: _Pending, handle: str | None, output: str, waited: float

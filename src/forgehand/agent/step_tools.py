@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from forgehand.agent.model import ToolSpec
-from forgehand.agent.runner_executor import RunnerToolExecutor
+from forgehand.agent.runner_executor import OomCount, RunnerToolExecutor
 from forgehand.agent.tools import BUILTIN_NAMES, BUILTIN_TOOLS
 from forgehand.runner.client import RunnerClient
 from forgehand.steps.errors import StepError
@@ -83,6 +83,7 @@ async def repository_executor(
     env: Mapping[str, str],
     *,
     step_cache: tuple[Path, str],
+    oom_kills: OomCount | None = None,
 ) -> tuple[RunnerToolExecutor, list[str]]:
     """An executor offering the built-in tools plus the repository's own steps, and the
     problems with step files that were skipped (to tell the person running forgehand).
@@ -99,5 +100,6 @@ async def repository_executor(
         env=env,
         step_refs=tools.refs,
         step_cache_dir=sandbox_cache,
+        oom_kills=oom_kills,
     )
     return executor, tools.problems

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +28,7 @@ from forgehand.runner.config import MAX_STATE_DIR_CHARS, RunnerConfig
 from forgehand.runner.core import RunnerCore
 
 if TYPE_CHECKING:
+    from forgehand.sandbox.rootfs import SandboxEnd
     from forgehand.sandbox.spec import NetworkPolicy
 
 NO_SANDBOX = "none"
@@ -50,6 +51,23 @@ class Workspace:
     detail: str = field(default="in-process runner, no isolation")
     egress_log: Path | None = None
     """The egress proxy's decision log on the host (sandboxes with network: proxy)."""
+    ending: asyncio.Future[SandboxEnd] | None = None
+    """Done when the sandbox stops on its own (``EndsOnItsOwn``: gVisor out of memory)."""
+    oom_kills: Callable[[], Awaitable[int]] | None = None
+    """The sandbox's OOM kill count, where its runner cannot see them (``CountsOomKills``)."""
+
+    async def why_ended(self, grace: float = 5.0) -> str | None:
+        """Why the sandbox stopped on its own, as ``oom: <detail>``; None if it has not
+        within ``grace`` seconds or cannot say. For a runner that stopped answering: the
+        client has retried for seconds by then, so its watcher has usually seen the end."""
+        if self.ending is None:
+            return None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.ending), grace)
+        if not self.ending.done() or self.ending.cancelled() or self.ending.exception():
+            return None
+        end = self.ending.result()
+        return f"{end.reason.value}: {end.detail}"
 
     def denied_hosts(self) -> list[str]:
         """Hosts the egress proxy refused so far, in order (blocking file read)."""
@@ -126,6 +144,7 @@ async def _sandboxed(
     kind: str, work: Path, path_prefix: Sequence[str], network: NetworkPolicy | None
 ) -> AsyncIterator[Workspace]:
     from forgehand.sandbox import backend as backends
+    from forgehand.sandbox.backend import CountsOomKills, EndsOnItsOwn
     from forgehand.sandbox.errors import SandboxError
     from forgehand.sandbox.runs import run_environment
     from forgehand.sandbox.spec import NoNetwork, ProxyNetwork, SandboxSpec, WorkDir
@@ -148,6 +167,10 @@ async def _sandboxed(
             path_prefix,
             "/usr/bin:/bin",
         )
+        ending = None
+        if isinstance(sandbox, EndsOnItsOwn):
+            ending = asyncio.ensure_future(sandbox.wait_ended())
+            stack.push_async_callback(_stop, ending)
         directory = getattr(sandbox, "directory", None)
         egress_log = None
         if isinstance(spec.network, ProxyNetwork) and directory is not None:
@@ -161,7 +184,15 @@ async def _sandboxed(
             detail=f"{kind} sandbox, isolation {sandbox.achieved.isolation}, "
             f"network {spec.network.mode}",
             egress_log=egress_log,
+            ending=ending,
+            oom_kills=sandbox.oom_kills if isinstance(sandbox, CountsOomKills) else None,
         )
+
+
+async def _stop(task: asyncio.Future[SandboxEnd]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
 
 
 def give_to_owner_of(work: Path, tree: Path) -> None:

@@ -108,7 +108,12 @@ async def _run_loop(
         posixpath.join(posixpath.dirname(space.sandbox_dir), STEP_CACHE),
     )
     executor, problems = await repository_executor(
-        space.client, space.host_dir, space.sandbox_dir, space.env, step_cache=step_cache
+        space.client,
+        space.host_dir,
+        space.sandbox_dir,
+        space.env,
+        step_cache=step_cache,
+        oom_kills=space.oom_kills,
     )
     for problem in problems:
         print(f"forgehand agent: skipped a repository step: {problem}", file=sys.stderr)

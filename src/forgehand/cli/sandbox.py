@@ -22,6 +22,7 @@ from forgehand.cli.runner import RUNNER_FAILURE, stream_run
 from forgehand.runner import errors as runner_errors
 from forgehand.runner.model import RunSpec
 from forgehand.sandbox.backend import (
+    CountsOomKills,
     EndsOnItsOwn,
     Sandbox,
     SandboxBackend,
@@ -149,7 +150,15 @@ async def _run_in(sandbox: Sandbox, spec: SandboxSpec, command: list[str]) -> in
     if end is not None and (streaming.cancelled() or streaming.exception() is not None):
         print(f"forgehand: the sandbox ended: {end.reason.value}: {end.detail}", file=sys.stderr)
         return RUNNER_FAILURE
-    return streaming.result()  # the run's own end, or its error
+    code = streaming.result()  # the run's own end, or its error
+    if code != 0 and isinstance(sandbox, CountsOomKills) and await sandbox.oom_kills() > 0:
+        limit = spec.limits.memory_bytes
+        print(
+            "forgehand: the run failed after the out-of-memory killer struck in the sandbox "
+            f"(its memory limit is {limit} bytes; raise --memory)",
+            file=sys.stderr,
+        )
+    return code
 
 
 async def _start_and_stream(sandbox: Sandbox, spec: RunSpec) -> int:

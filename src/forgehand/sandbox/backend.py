@@ -91,6 +91,17 @@ class EndsOnItsOwn(Protocol):
         ...
 
 
+@runtime_checkable
+class CountsOomKills(Protocol):
+    """A sandbox whose runner cannot see the OOM killer strike (gVisor: the killer picks
+    a stub process of the Sentry, and the run only exits 1); the host can. Its runs'
+    consumers compare the count before and after a run that failed."""
+
+    async def oom_kills(self) -> int:
+        """How often the kernel's OOM killer struck in the sandbox's cgroup so far."""
+        ...
+
+
 class SandboxBackend(Protocol):
     name: str
     isolation: IsolationLevel

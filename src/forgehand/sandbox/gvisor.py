@@ -439,12 +439,13 @@ class GVisorSandbox(rootfs.ManagedSandbox):
             roots.add(self._reaper.pid)
         return procs.descendants(roots, table)
 
-    async def oom_killed(self) -> bool:
-        """Whether the kernel's OOM killer struck in this sandbox's cgroup. It usually ends
-        the whole sandbox (``ended.reason`` is ``oom``); when it picks a gVisor stub process
-        instead, only the run that used the memory fails, and this is how to tell."""
+    async def oom_kills(self) -> int:
+        """How often the kernel's OOM killer struck in this sandbox's cgroup (``CountsOomKills``).
+        It usually ends the whole sandbox (``ended.reason`` is ``oom``); when it picks a
+        gVisor stub process instead, only the run that used the memory fails (status 1),
+        and this is how to tell: the runner inside cannot read the host's cgroup."""
         group = self._group
-        return group is not None and await rootfs.blocking(group.oom_kills) > 0
+        return 0 if group is None else await rootfs.blocking(group.oom_kills)
 
     def _make_client(self) -> RunnerClient:
         if self._channel == "exec":

@@ -239,10 +239,23 @@ class Workflow:
         self.progress.note(f"run {run.run_id} ended: {outcome.value} — {message}")
 
     async def _end(self, run: _Run, end: RunEnded) -> None:
+        end = await self._sandbox_account(run, end)
         await self._close_session(run)
         branch = await self._push_partial(run, end)
         await self._comment_failure(run, end, branch)
         await self._finish(run, end.outcome, end.message)
+
+    async def _sandbox_account(self, run: _Run, end: RunEnded) -> RunEnded:
+        """A sandbox fault told by the sandbox itself, when it stopped on its own: gVisor
+        ends the whole sandbox when it runs out of memory, and the runner's client only
+        saw its runner vanish."""
+        if end.outcome is not Outcome.SANDBOX_FAULT or run.session is None:
+            return end
+        why = await run.session.space.why_ended()
+        if why is None:
+            return end
+        message = f"the sandbox ended on its own ({why}), so the run could not go on"
+        return RunEnded(Outcome.SANDBOX_FAULT, message, **end.details)
 
     # -- guard --------------------------------------------------------------------------
 
@@ -385,6 +398,7 @@ class Workflow:
             session.repo_dir,
             session.space.env,
             step_cache=session.step_cache,
+            oom_kills=session.space.oom_kills,
         )
         for problem in problems:
             self.progress.note(f"skipped a repository step: {problem}")
@@ -426,6 +440,10 @@ class Workflow:
         if session is None:
             raise RunEnded(Outcome.INTERNAL, "the agent's sandbox is gone before extraction")
         guard, agent = run.out(Phase.GUARD), run.out(Phase.AGENT)
+        if await session.space.why_ended(grace=0):  # nothing left to commit from
+            raise self._agent_end(agent) or RunEnded(
+                Outcome.SANDBOX_FAULT, "the sandbox ended before extraction"
+            )
         message = texts.commit_message(run.ref.number, guard["issue"]["title"], agent["summary"])
         try:
             commit = await commit_in_sandbox(
