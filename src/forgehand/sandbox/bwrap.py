@@ -387,8 +387,8 @@ class BwrapSandbox:
         me = self.identity
         options = f"size={self.spec.work_dir_bytes},mode=0755,uid={me.host_uid},gid={me.host_gid}"
         host = str(self.spec.work_dir.host_path)
+        self._work_mounted = True  # before: a start cancelled during `mount` may leave it
         await run_host(["mount", "-t", "tmpfs", "-o", f"{options},nosuid,nodev", "tmpfs", host])
-        self._work_mounted = True
 
     async def spawn(
         self, command: Sequence[str], *, pass_fds: Sequence[int] = (), **kwargs: Any
@@ -493,7 +493,9 @@ class BwrapSandbox:
         self._processes.clear()
         await self._remove_cgroup()
         if self._work_mounted:
-            await run_host(["umount", str(self.spec.work_dir.host_path)])
+            host = self.spec.work_dir.host_path
+            if await asyncio.to_thread(os.path.ismount, host):  # our tmpfs: its own device
+                await run_host(["umount", str(host)])
             self._work_mounted = False
 
     async def _remove_cgroup(self) -> None:

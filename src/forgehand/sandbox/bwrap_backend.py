@@ -315,10 +315,10 @@ class BwrapRunnerSandbox:
         options = (
             f"size={SOCK_DIR_BYTES},nr_inodes=16,mode=0700,uid={me.host_uid},gid={me.host_gid}"
         )
+        self._sock_mounted = True  # before: a start cancelled during `mount` may leave it
         await run_host(
             ["mount", "-t", "tmpfs", "-o", f"{options},nosuid,nodev,noexec", "tmpfs", str(sock)]
         )
-        self._sock_mounted = True
 
     async def _start_proxy(self, network: ProxyNetwork) -> None:
         me = Identity()
@@ -549,7 +549,7 @@ class BwrapRunnerSandbox:
 
     async def _unmount_sock_dir(self) -> None:
         if self._sock_mounted:
-            await run_host(["umount", str(self._dir / "sock")])
+            await rootfs.unmount_sock_dir(self._dir / "sock")
             self._sock_mounted = False
 
     async def _close_box(self) -> None:

@@ -334,10 +334,12 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         self._work_made = not await rootfs.blocking(self.work_dir.exists)
         entry = own_entry(NAME, self._id, self.work_dir, self._work_made)
         await rootfs.blocking(self._registry.add, entry)
-        await rootfs.mount_sock_dir(self._sock_dir)
+        # Marked before mounting: a start cancelled during `mount` may leave it mounted,
+        # and the unmounts check what is mounted.
         self._sock_mounted = True
-        await rootfs.mount_work_dir(self.work_dir, self.spec.work_dir_bytes)
+        await rootfs.mount_sock_dir(self._sock_dir)
         self._work_mounted = True
+        await rootfs.mount_work_dir(self.work_dir, self.spec.work_dir_bytes)
         if isinstance(self.spec.network, ProxyNetwork):
             self._proxy = await rootfs.start_egress(
                 self._dir, self.spec.network, self.config, self._resolver
