@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,6 +32,18 @@ def needs_backend(name: str, check_host: Callable[[], object]) -> list[pytest.Ma
         pytest.mark.slow,
         pytest.mark.skipif(bool(reason), reason=f"{name} unavailable: {reason}"),
     ]
+
+
+def backend_params(makers: Iterable[tuple[str, Callable[[Path], Any]]]) -> list[Any]:
+    """One ``pytest.param(make, id=name)`` per ``(name, make)``: ``make(state_dir)`` gives
+    a backend; the param is skipped with its ``availability()`` detail where it cannot run."""
+    params = []
+    for name, make in makers:
+        status = make(Path("/nonexistent")).availability()
+        marks = [pytest.mark.needs_root]
+        marks.append(pytest.mark.skipif(not status.available, reason=f"{name}: {status.detail}"))
+        params.append(pytest.param(make, id=name, marks=marks))
+    return params
 
 
 def decoy_socket(path: Path) -> Iterator[Path]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sandbox_support import backend_params
 
 from forgehand.sandbox import bwrap, bwrap_backend, rootfs
 from forgehand.sandbox.backend import SandboxBackend
@@ -35,19 +36,13 @@ RUNS_MOUNT: dict[str, list[tuple[Any, str]]] = {
 }
 
 
-def _backends() -> list[Any]:
-    params = []
-    makers: list[tuple[str, Make]] = [
+BACKENDS = backend_params(
+    [
         ("bwrap", lambda state: BwrapBackend(BwrapBackendConfig(state_dir=state))),
         ("gvisor", lambda state: GVisorBackend(GVisorConfig(state_dir=state))),
         ("podman", lambda state: PodmanBackend(PodmanConfig(state_dir=state))),
     ]
-    for name, make in makers:
-        status = make(Path("/nonexistent")).availability()
-        marks = [pytest.mark.needs_root]
-        marks.append(pytest.mark.skipif(not status.available, reason=f"{name}: {status.detail}"))
-        params.append(pytest.param(name, make, id=name, marks=marks))
-    return params
+)
 
 
 @pytest.fixture
@@ -76,15 +71,16 @@ def _cancelling_after_mount(
 
 
 @pytest.mark.parametrize("nth", [1, 2], ids=["first-mount", "second-mount"])
-@pytest.mark.parametrize(("name", "make"), _backends())
+@pytest.mark.parametrize("make", BACKENDS)
 async def test_a_start_cancelled_as_its_mount_lands_unmounts_it(
-    base: Path, name: str, make: Make, nth: int, monkeypatch: pytest.MonkeyPatch
+    base: Path, make: Make, nth: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    backend = make(base / "state")
+    name = backend.name
     mounted: list[Path] = []
     for module, attribute in RUNS_MOUNT[name]:
         real = getattr(module, attribute)
         monkeypatch.setattr(module, attribute, _cancelling_after_mount(real, mounted, nth))
-    backend = make(base / "state")
     limits = {"memory_bytes": "256M", "pids": 64, "wall_time_seconds": 60}
     work = {"host_path": str(base / "work"), "size_bytes": "8M"}
     isolation = {"bwrap": "process", "gvisor": "kernel", "podman": "container"}[name]

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sandbox_support import backend_params
 
 from forgehand.runner.model import Exited, Output, RunSpec
 from forgehand.sandbox.backend import SandboxBackend
@@ -37,20 +38,16 @@ KILL_DAEMON = FIND_DAEMON.replace(
 
 
 def _backends() -> list[object]:
-    params = []
-    for name, make in (
-        ("gvisor", lambda state: GVisorBackend(GVisorConfig(state_dir=state))),
-        (
-            "gvisor-exec",
-            lambda state: GVisorBackend(GVisorConfig(state_dir=state, runner_channel="exec")),
-        ),
-        ("podman", lambda state: PodmanBackend(PodmanConfig(state_dir=state))),
-    ):
-        status = make(Path("/nonexistent")).availability()
-        marks = [pytest.mark.needs_root]
-        marks.append(pytest.mark.skipif(not status.available, reason=f"{name}: {status.detail}"))
-        params.append(pytest.param(make, id=name, marks=marks))
-    return params
+    return backend_params(
+        [
+            ("gvisor", lambda state: GVisorBackend(GVisorConfig(state_dir=state))),
+            (
+                "gvisor-exec",
+                lambda state: GVisorBackend(GVisorConfig(state_dir=state, runner_channel="exec")),
+            ),
+            ("podman", lambda state: PodmanBackend(PodmanConfig(state_dir=state))),
+        ]
+    )
 
 
 @pytest.fixture
