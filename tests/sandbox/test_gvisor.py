@@ -149,6 +149,21 @@ async def test_pids_limit_contains_a_bounded_fork(base: Path) -> None:
     assert end.reason is ExitReason.LIMIT
 
 
+async def test_an_oom_kill_a_run_survived_does_not_label_a_later_end(base: Path) -> None:
+    """The killer took a stub process (the run failed, the sandbox lived on, and a caller
+    was told); when the pids limit later ends the sandbox, that is the reason given."""
+    hog = "x = []\nwhile True:\n    x.append(bytearray(50 << 20))\n"
+    spec = make_spec(base, limits={"memory_bytes": "1G", "pids": 16})
+    async with GVisorBackend().create(spec) as sandbox:
+        result = await sandbox.client.run(RunSpec(argv=("python3", "-c", hog), cwd="/work"))
+        assert not result.exit.ok
+        assert await sandbox.oom_kills() == 1
+        with pytest.raises(runner_errors.RunnerError):
+            await sandbox.client.run(sh("for i in $(seq 150); do sleep 20 & done; wait"))
+        end = await asyncio.wait_for(sandbox.wait_ended(), 60)
+    assert end.reason is ExitReason.LIMIT, end
+
+
 async def test_work_dir_is_size_capped(base: Path) -> None:
     async with GVisorBackend().create(make_spec(base)) as sandbox:
         result = await sandbox.client.run(sh("dd if=/dev/zero of=/work/big bs=1M count=16"))

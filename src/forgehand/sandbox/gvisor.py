@@ -362,6 +362,7 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         self._work_mounted = False
         self._started = False
         self._pids_events_before = 0
+        self._oom_kills_told = 0  # the most oom_kills() has returned
         self._watcher: asyncio.Task[None] | None = None
         self._reaper: asyncio.subprocess.Process | None = None
         self._expired = False
@@ -445,7 +446,9 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         gVisor stub process instead, only the run that used the memory fails (status 1),
         and this is how to tell: the runner inside cannot read the host's cgroup."""
         group = self._group
-        return 0 if group is None else await rootfs.blocking(group.oom_kills)
+        count = 0 if group is None else await rootfs.blocking(group.oom_kills)
+        self._oom_kills_told = max(self._oom_kills_told, count)
+        return count
 
     def _make_client(self) -> RunnerClient:
         if self._channel == "exec":
@@ -649,7 +652,8 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         if self._expired:
             wall = self.spec.limits.wall_time_seconds
             return SandboxEnd(ExitReason.TIMEOUT, f"the wall time of {wall:g}s ran out")
-        if self._group.oom_kills() > 0:
+        # Kills already told to a caller ended one run, which the sandbox outlived.
+        if self._group.oom_kills() > self._oom_kills_told:
             limit = self.spec.limits.memory_bytes
             return SandboxEnd(ExitReason.OOM, f"the sandbox used its {limit} bytes of memory")
         if _pids_events(self._group) > self._pids_events_before:
