@@ -66,8 +66,7 @@ class Workspace:
             await asyncio.wait_for(asyncio.shield(self.ending), grace)
         if not self.ending.done() or self.ending.cancelled() or self.ending.exception():
             return None
-        end = self.ending.result()
-        return f"{end.reason.value}: {end.detail}"
+        return str(self.ending.result())
 
     def denied_hosts(self) -> list[str]:
         """Hosts the egress proxy refused so far, in order (blocking file read)."""

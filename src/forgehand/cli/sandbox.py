@@ -148,7 +148,7 @@ async def _run_in(sandbox: Sandbox, spec: SandboxSpec, command: list[str]) -> in
         await asyncio.gather(streaming, ending, return_exceptions=True)
     end = None if ending.cancelled() or ending.exception() else ending.result()
     if end is not None and (streaming.cancelled() or streaming.exception() is not None):
-        print(f"forgehand: the sandbox ended: {end.reason.value}: {end.detail}", file=sys.stderr)
+        print(f"forgehand: the sandbox ended: {end}", file=sys.stderr)
         return RUNNER_FAILURE
     code = streaming.result()  # the run's own end, or its error
     if code != 0 and isinstance(sandbox, CountsOomKills) and await sandbox.oom_kills() > 0:

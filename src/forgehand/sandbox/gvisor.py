@@ -446,7 +446,10 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         gVisor stub process instead, only the run that used the memory fails (status 1),
         and this is how to tell: the runner inside cannot read the host's cgroup."""
         group = self._group
-        count = 0 if group is None else await rootfs.blocking(group.oom_kills)
+        try:
+            count = 0 if group is None else await rootfs.blocking(group.oom_kills)
+        except OSError:  # the group went with the sandbox
+            return self._oom_kills_told
         self._oom_kills_told = max(self._oom_kills_told, count)
         return count
 

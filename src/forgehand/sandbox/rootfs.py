@@ -533,6 +533,9 @@ class SandboxEnd:
     """``oom``, ``limit`` (pids), ``timeout`` (wall time) or ``exited``."""
     detail: str
 
+    def __str__(self) -> str:
+        return f"{self.reason.value}: {self.detail}"
+
 
 class ManagedSandbox:
     """The start/destroy lifecycle the gVisor and podman sandboxes share. A subclass sets
