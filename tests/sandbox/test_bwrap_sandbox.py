@@ -174,7 +174,7 @@ def test_gc_removes_group_of_dead_owner() -> None:
     hierarchies = cgroups.detect_hierarchies()
     name = f"gctest.{os.getpid()}-1"  # our pid, wrong start time: an owner that is gone
     group = cgroups.CgroupGroup(name, hierarchies)
-    group._make_dirs()
+    group.make()
     child = subprocess.Popen(["sleep", "60"])
     group.add_pid(child.pid)
     assert name in [info.name for info in cgroups.list_groups(hierarchies)]

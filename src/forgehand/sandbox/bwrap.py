@@ -361,7 +361,8 @@ class BwrapSandbox:
     async def _prepare(self) -> None:
         check_isolation(self.spec)
         await asyncio.to_thread(self._check_host)
-        self.cgroup = await asyncio.to_thread(CgroupGroup.create, self.sandbox_id)
+        self.cgroup = await asyncio.to_thread(CgroupGroup.for_sandbox, self.sandbox_id)
+        await asyncio.to_thread(self.cgroup.make)  # held first: a cancel here still removes it
         limits = self.spec.limits
         await asyncio.to_thread(
             self.cgroup.set_limits, limits.memory_bytes, limits.pids, limits.cpu_cores

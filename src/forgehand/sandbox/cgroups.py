@@ -110,13 +110,22 @@ class CgroupGroup:
         cls, sandbox_id: str, hierarchies: Mapping[Controller, Hierarchy] | None = None
     ) -> CgroupGroup:
         """Create the group for ``sandbox_id``, owned by this process."""
+        group = cls.for_sandbox(sandbox_id, hierarchies)
+        group.make()
+        return group
+
+    @classmethod
+    def for_sandbox(
+        cls, sandbox_id: str, hierarchies: Mapping[Controller, Hierarchy] | None = None
+    ) -> CgroupGroup:
+        """The group ``sandbox_id`` gets, owned by this process, not made yet (``make``).
+        A sandbox holds it before making it, so that a start cancelled while the
+        directories are made still removes them."""
         if not _ID_RE.match(sandbox_id):
             raise CgroupError(f"sandbox id {sandbox_id!r} must match {_ID_RE.pattern}")
         found = require_hierarchies(hierarchies or detect_hierarchies())
         owner = os.getpid()
-        group = cls(f"{sandbox_id}.{owner}-{process_start_time(owner)}", found)
-        group._make_dirs()
-        return group
+        return cls(f"{sandbox_id}.{owner}-{process_start_time(owner)}", found)
 
     def dir(self, controller: Controller) -> Path:
         """The group's directory in ``controller``'s hierarchy."""
@@ -133,7 +142,8 @@ class CgroupGroup:
         """The ``cgroup.procs`` files a process writes its pid into to join the group."""
         return [d / "cgroup.procs" for d in self.dirs]
 
-    def _make_dirs(self) -> None:
+    def make(self) -> None:
+        """Create the group's directories (a failure removes what was made)."""
         for controller, hierarchy in self.hierarchies.items():
             if hierarchy.version == 2:
                 _enable_v2(hierarchy.mount, controller)

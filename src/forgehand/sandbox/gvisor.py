@@ -501,7 +501,8 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         self._watcher = asyncio.create_task(self._watch())
 
     async def _make_cgroup(self) -> None:
-        self._group = await rootfs.blocking(CgroupGroup.create, self._id)
+        self._group = await rootfs.blocking(CgroupGroup.for_sandbox, self._id)
+        await rootfs.blocking(self._group.make)  # held first: a cancel here still removes it
         limits = self.spec.limits
         boot_pids = BOOT_PIDS + self.config.pids_per_task * limits.pids
         await rootfs.blocking(
