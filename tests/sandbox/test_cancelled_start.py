@@ -95,10 +95,12 @@ class CancelAfter:
         return step
 
 
+@pytest.mark.parametrize("network", ["none", "proxy"])
 @pytest.mark.parametrize("make", BACKENDS)
 async def test_a_start_cancelled_after_any_step_leaves_nothing_behind(
-    base: Path, make: Make, monkeypatch: pytest.MonkeyPatch
+    base: Path, make: Make, network: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """With ``network: proxy`` the start also runs the egress proxy and its forwarder."""
     name = make(base / "state").name
     groups_before = _groups()
     for nth in range(1, MAX_STEPS):
@@ -107,6 +109,8 @@ async def test_a_start_cancelled_after_any_step_leaves_nothing_behind(
         limits = {"memory_bytes": "256M", "pids": 64, "wall_time_seconds": 60}
         work = {"host_path": str(base / f"work-{nth}"), "size_bytes": "8M"}
         fields = {"work_dir": work, "limits": limits, "isolation": ISOLATION[name]}
+        if network == "proxy":
+            fields["network"] = {"mode": "proxy", "allow_hosts": ["pypi.org"]}
         spec = SandboxSpec.model_validate(fields)
         with monkeypatch.context() as patch:
             cut = CancelAfter(nth, patch)

@@ -362,8 +362,12 @@ async def start_egress(
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise SandboxLaunchError(f"the egress proxy's settings are invalid: {exc}") from None
     proxy = EgressProxy(settings, resolver=resolver)
-    await proxy.start()
-    await blocking(os.chown, proxy.socket_path, *owner)
+    try:
+        await proxy.start()
+        await blocking(os.chown, proxy.socket_path, *owner)
+    except BaseException:  # the caller never gets the proxy: stop it here
+        await uncancellable(proxy.stop())
+        raise
     return proxy
 
 

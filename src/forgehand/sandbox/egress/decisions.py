@@ -63,10 +63,11 @@ class DecisionLog:
         """The decisions kept in memory, oldest first."""
         return tuple(self._recent)
 
-    async def open(self) -> None:
-        """Create the file (and its parents) for appending."""
+    def open(self) -> None:
+        """Create the file (and its parents) for appending. In the event loop's thread (a
+        local file): a caller cancelled meanwhile cannot lose a file a thread opened."""
         try:
-            self._file = await asyncio.to_thread(_open_for_append, self.path)
+            self._file = _open_for_append(self.path)
         except OSError as exc:
             raise EgressStartError(
                 f"cannot open decision log {self.path}: {exc}; choose a writable path"

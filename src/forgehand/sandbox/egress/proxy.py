@@ -169,16 +169,25 @@ class EgressProxy:
             raise EgressStateError(
                 f"proxy is {self.state.value}: create a new EgressProxy to start again"
             )
-        await self._log.open()
+        # No thread and no await until the server holds the socket: a start cancelled
+        # meanwhile would lose the descriptor a thread returned. Both are local syscalls.
+        self._log.open()
         try:
-            sock = await asyncio.to_thread(_bind_unix_socket, self.socket_path)
+            sock = _bind_unix_socket(self.socket_path)
         except EgressStartError:
             await self._log.close()
             raise
-        self._server = await asyncio.start_unix_server(
-            self._on_client, sock=sock, limit=self.config.max_header_bytes
-        )
-        self.state = ProxyState.RUNNING
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._on_client, sock=sock, limit=self.config.max_header_bytes, start_serving=False
+            )
+        except BaseException:
+            sock.close()
+            _unlink(self.socket_path)
+            await self._log.close()
+            raise
+        self.state = ProxyState.RUNNING  # from here, stop() undoes it all
+        await self._server.start_serving()
 
     async def stop(self) -> None:
         """Stop listening, give open connections the grace period, close the rest."""
