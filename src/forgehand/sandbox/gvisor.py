@@ -385,10 +385,6 @@ class GVisorSandbox(rootfs.ManagedSandbox):
             raise SandboxStateError(f"sandbox {self._id} is {self.state.value}: start it first")
         return self._achieved
 
-    @property
-    def work_dir(self) -> Path:
-        return self.spec.work_dir.host_path
-
     # -- runs and status -----------------------------------------------------------------
 
     @property
@@ -478,13 +474,9 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         entry = own_entry(NAME, self._id, self.work_dir, self._work_made)
         await rootfs.blocking(self._registry.add, entry)
         await self._make_cgroup()
-        # Marked before mounting: a start cancelled during `mount` may leave it mounted,
-        # and the unmounts check what is mounted.
         if self._channel == "socket":
-            self._sock_mounted = True
-            await rootfs.mount_sock_dir(self._sock_dir)
-        self._work_mounted = True
-        await rootfs.mount_work_dir(self.work_dir, self.spec.work_dir_bytes)
+            await self._mount_sock()
+        await self._mount_work()
         if isinstance(self.spec.network, ProxyNetwork):
             self._proxy = await rootfs.start_egress(
                 self._dir, self.spec.network, self.config, self._resolver
@@ -703,16 +695,6 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         if self._views:
             await rootfs.blocking(readonly_views.release_below, self._dir / VIEWS)
             self._views.clear()
-
-    async def _unmount_sock(self) -> None:
-        if self._sock_mounted:
-            await rootfs.unmount_sock_dir(self._sock_dir)
-            self._sock_mounted = False
-
-    async def _unmount_work(self) -> None:
-        if self._work_mounted:
-            await rootfs.unmount_work_dir(self.work_dir, self._work_made)
-            self._work_mounted = False
 
     async def _stop_proxy(self) -> None:
         if self._proxy is not None:

@@ -282,10 +282,6 @@ class PodmanSandbox(rootfs.ManagedSandbox):
             raise SandboxStateError(f"sandbox {self._id} is {self.state.value}: start it first")
         return self._achieved
 
-    @property
-    def work_dir(self) -> Path:
-        return self.spec.work_dir.host_path
-
     # -- runs and status -----------------------------------------------------------------
 
     @property
@@ -334,12 +330,8 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         self._work_made = not await rootfs.blocking(self.work_dir.exists)
         entry = own_entry(NAME, self._id, self.work_dir, self._work_made)
         await rootfs.blocking(self._registry.add, entry)
-        # Marked before mounting: a start cancelled during `mount` may leave it mounted,
-        # and the unmounts check what is mounted.
-        self._sock_mounted = True
-        await rootfs.mount_sock_dir(self._sock_dir)
-        self._work_mounted = True
-        await rootfs.mount_work_dir(self.work_dir, self.spec.work_dir_bytes)
+        await self._mount_sock()
+        await self._mount_work()
         if isinstance(self.spec.network, ProxyNetwork):
             self._proxy = await rootfs.start_egress(
                 self._dir, self.spec.network, self.config, self._resolver
@@ -514,16 +506,6 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         reaper, self._reaper = self._reaper, None
         patience = self.config.reap_timeout_seconds
         await rootfs.await_subreaper(reaper, patience, f"podman sandbox {self._id}", "podman rm")
-
-    async def _unmount_sock(self) -> None:
-        if self._sock_mounted:
-            await rootfs.unmount_sock_dir(self._sock_dir)
-            self._sock_mounted = False
-
-    async def _unmount_work(self) -> None:
-        if self._work_mounted:
-            await rootfs.unmount_work_dir(self.work_dir, self._work_made)
-            self._work_mounted = False
 
     async def _stop_proxy(self) -> None:
         if self._proxy is not None:

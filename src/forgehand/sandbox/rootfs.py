@@ -543,15 +543,45 @@ class SandboxEnd:
 
 class ManagedSandbox:
     """The start/destroy lifecycle the gVisor and podman sandboxes share. A subclass sets
-    ``state``, ``_id``, ``_registry``, ``_ended`` and ``_watcher`` and provides ``_launch``
-    (set up, return once the runner answers) and ``_teardown`` (every cleanup step; the
-    failures, usually through ``_cleanup``)."""
+    ``state``, ``spec``, ``_id``, ``_registry``, ``_ended``, ``_watcher``, ``_sock_dir`` and
+    the mount flags and provides ``_launch`` (set up, return once the runner answers) and
+    ``_teardown`` (every cleanup step; the failures, usually through ``_cleanup``)."""
 
     state: SandboxState
+    spec: SandboxSpec
     _id: str
     _registry: Registry
     _ended: SandboxEnd | None
     _watcher: asyncio.Task[None] | None
+    _sock_dir: Path
+    _sock_mounted: bool
+    _work_made: bool
+    _work_mounted: bool
+
+    @property
+    def work_dir(self) -> Path:
+        return self.spec.work_dir.host_path
+
+    # Each mount is marked before it is made: a start cancelled during `mount` may leave
+    # it mounted, and the unmounts check what is mounted.
+
+    async def _mount_sock(self) -> None:
+        self._sock_mounted = True
+        await mount_sock_dir(self._sock_dir)
+
+    async def _mount_work(self) -> None:
+        self._work_mounted = True
+        await mount_work_dir(self.work_dir, self.spec.work_dir_bytes)
+
+    async def _unmount_sock(self) -> None:
+        if self._sock_mounted:
+            await unmount_sock_dir(self._sock_dir)
+            self._sock_mounted = False
+
+    async def _unmount_work(self) -> None:
+        if self._work_mounted:
+            await unmount_work_dir(self.work_dir, self._work_made)
+            self._work_mounted = False
 
     async def _cleanup(self, steps: Sequence[Callable[[], Awaitable[None]]]) -> list[BaseException]:
         """Run every step, whatever the others did; the record goes last, and only if all
