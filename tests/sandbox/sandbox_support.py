@@ -1,11 +1,13 @@
 """What the tests that start real OCI sandboxes (gVisor, podman) share: when they can run,
-a decoy socket that must never be connected to and the swap that tries it, and one
-process's PSS."""
+a decoy socket that must never be connected to and the swap that tries it, one
+process's PSS, and a tiny root filesystem (``build_tiny_root``)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -73,3 +75,39 @@ async def swap_for_symlink(client: RunnerClient, socket_path: object, decoy: Pat
     swap = f"mv {socket_path} {socket_path}.real && ln -s {decoy} {socket_path}"
     swapped = await client.run(RunSpec(argv=("sh", "-c", swap)))
     assert swapped.ok, swapped.stderr
+
+
+PROGRAMS = ("/bin/dash", "/usr/bin/cat", "/usr/bin/ls", "/usr/bin/id", "/usr/bin/touch")
+
+
+def build_tiny_root(root: Path) -> None:
+    """A root with dash as /bin/sh, a few coreutils and their libraries, an os-release,
+    accounts of its own (which the sandbox must replace), a symlink to /proc in /etc (which
+    must stay a symlink, never the host's file), an /opt tool and a decoy /opt/forgehand."""
+    for directory in ("bin", "lib", "lib64", "etc", "opt/tool", "opt/forgehand", "work"):
+        (root / directory).mkdir(parents=True)
+    for program in PROGRAMS:
+        shutil.copy2(program, root / "bin" / Path(program).name)
+        for library in _libraries(program):
+            target = root / ("lib64" if "ld-linux" in library.name else "lib") / library.name
+            shutil.copy2(library, target)
+    (root / "bin" / "sh").symlink_to("dash")
+    (root / "etc" / "os-release").write_text('ID=tiny\nPRETTY_NAME="a tiny root"\n')
+    (root / "etc" / "passwd").write_text("intruder:x:1000:1000::/:/bin/sh\n")
+    (root / "etc" / "mtab").symlink_to("/proc/self/mounts")
+    (root / "opt" / "tool" / "VERSION").write_text("tool 1.0\n")
+    (root / "opt" / "forgehand" / "decoy").write_text("not the runner\n")
+    os.mkfifo(root / "etc" / "a-fifo")  # special files are left out
+    for path in (root, *root.rglob("*")):
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+
+
+def _libraries(program: str) -> list[Path]:
+    listing = subprocess.run(["ldd", program], capture_output=True, text=True, check=True)
+    found = []
+    for line in listing.stdout.splitlines():
+        path = line.split("=>")[-1].split("(")[0].strip()
+        if path.startswith("/"):
+            found.append(Path(os.path.realpath(path)).with_name(Path(path).name))
+    return found

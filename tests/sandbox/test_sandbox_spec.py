@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from forgehand.sandbox.spec import SandboxSpec, parse_size
+from forgehand.sandbox.spec import ProxyNetwork, SandboxSpec, parse_size
 
 
 def _spec(**extra: Any) -> SandboxSpec:
@@ -44,6 +44,9 @@ def test_spec_is_frozen() -> None:
         ({"limits": {"pids": 0}}, "pids"),
         ({"limits": {"cpu_cores": -1}}, "cpu_cores"),
         ({"limits": {"wall_time_seconds": 0}}, "wall_time_seconds"),
+        ({"limits": {"cpu_cores": "inf"}}, "cpu_cores"),
+        ({"limits": {"wall_time_seconds": float("nan")}}, "wall_time_seconds"),
+        ({"root": {"type": "dir", "path": "relative/root"}}, "path"),
         ({"ro_mounts": [{"source": "relative/dir"}]}, "source"),
         ({"ro_mounts": [{"source": "/opt/../root"}]}, "source"),
         ({"ro_mounts": [{"source": "/opt", "target": "/proc/x"}]}, "target"),
@@ -72,3 +75,15 @@ def test_open_network_needs_explicit_opt_in() -> None:
 def test_mount_target_defaults_to_source() -> None:
     spec = _spec(ro_mounts=[{"source": "/opt/tools"}])
     assert spec.ro_mounts[0].destination == Path("/opt/tools")
+
+
+def test_proxy_read_only_methods_is_off_by_default_and_strict() -> None:
+    proxy = {"mode": "proxy", "allow_hosts": ["pypi.org"]}
+    default, read_only = _spec(network=proxy), _spec(network={**proxy, "read_only_methods": True})
+    assert isinstance(default.network, ProxyNetwork)
+    assert isinstance(read_only.network, ProxyNetwork)
+    assert (default.network.read_only_methods, read_only.network.read_only_methods) == (False, True)
+    with pytest.raises(ValidationError, match="read_only_methods"):
+        _spec(network={**proxy, "read_only_methods": "sometimes"})
+    with pytest.raises(ValidationError, match="read_only_methods"):
+        _spec(network={"mode": "none", "read_only_methods": True})

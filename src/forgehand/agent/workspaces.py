@@ -70,15 +70,20 @@ class Workspace:
 
     def denied_hosts(self) -> list[str]:
         """Hosts the egress proxy refused so far, in order (blocking file read)."""
+        return list(self.denials())
+
+    def denials(self) -> dict[str, str]:
+        """Each host the egress proxy refused so far, in order, with the reason of its
+        first refusal (blocking file read)."""
         if self.egress_log is None or not self.egress_log.exists():
-            return []
-        denied: dict[str, None] = {}
+            return {}
+        denied: dict[str, str] = {}
         for line in self.egress_log.read_text(errors="replace").splitlines():
             with contextlib.suppress(ValueError, AttributeError):
                 record = json.loads(line)
                 if record.get("decision") == "denied" and record.get("host"):
-                    denied[str(record["host"])] = None
-        return list(denied)
+                    denied.setdefault(str(record["host"]), str(record.get("reason") or ""))
+        return denied
 
 
 @contextlib.asynccontextmanager

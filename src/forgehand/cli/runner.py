@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +119,7 @@ async def _exec(args: argparse.Namespace) -> int:
     spec = _spec(args)
     async with RunnerClient.unix(args.socket) as client:
         run_id = await client.start(spec, args.run_id)
-        feeder = asyncio.create_task(_feed_stdin(client, run_id)) if spec.stdin else None
+        feeder = asyncio.create_task(feed_stdin(client, run_id)) if spec.stdin else None
         try:
             return await stream_run(client, run_id, 0)
         finally:
@@ -126,11 +128,30 @@ async def _exec(args: argparse.Namespace) -> int:
                 await asyncio.gather(feeder, return_exceptions=True)
 
 
-async def _feed_stdin(client: RunnerClient, run_id: str) -> None:
+async def feed_stdin(client: RunnerClient, run_id: str) -> None:
+    """Copy our stdin to the run, then close its stdin. The reads happen in a daemon
+    thread: one blocked on a terminal or an open pipe must not keep us from exiting once
+    the run has ended (``asyncio.run`` waits for its executor's threads)."""
+    chunks: asyncio.Queue[bytes] = asyncio.Queue(maxsize=1)
     loop = asyncio.get_running_loop()
-    while data := await loop.run_in_executor(None, os.read, 0, 1 << 16):
+    threading.Thread(target=_read_stdin, args=(loop, chunks), daemon=True).start()
+    while data := await chunks.get():
         await client.write_stdin(run_id, data)
     await client.write_stdin(run_id, b"", eof=True)
+
+
+def _read_stdin(loop: asyncio.AbstractEventLoop, chunks: asyncio.Queue[bytes]) -> None:
+    while True:
+        try:
+            data = os.read(0, 1 << 16)
+        except OSError:
+            data = b""
+        try:
+            asyncio.run_coroutine_threadsafe(chunks.put(data), loop).result()
+        except (RuntimeError, concurrent.futures.CancelledError):
+            return  # the loop is closed or the feeder gone
+        if not data:
+            return
 
 
 async def stream_run(client: RunnerClient, run_id: str, after: int) -> int:

@@ -5,12 +5,22 @@ command's stdout and stderr byte for byte to its own, and exits with the command
 A limit breach (oom, timeout, output limit) prints the reason on stderr and exits
 non-zero (128 + signal when the command was killed, else 125), also where the breach
 ends the whole sandbox (gVisor on out-of-memory or pids).
+
+Nothing of the caller's environment goes in but what ``--env`` names (``NAME=VALUE``, or
+``NAME`` for the caller's own value); ``--mount SRC[:DST]`` adds host paths read-only;
+``--stdin`` forwards the caller's stdin to the command; ``--rootfs DIR`` runs it on
+that root's programs instead of the host's (``forgehand.sandbox.layout``).
+``--read-only-network`` makes the egress proxy (``--network proxy``) let only GET, HEAD
+and OPTIONS through, over plain http.
+Bad values exit 2 with what is wrong ("invalid sandbox options" names the field).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -18,7 +28,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from forgehand.cli.runner import RUNNER_FAILURE, stream_run
+from forgehand.cli.runner import RUNNER_FAILURE, feed_stdin, stream_run
 from forgehand.runner import errors as runner_errors
 from forgehand.runner.model import RunSpec
 from forgehand.sandbox.backend import (
@@ -31,7 +41,7 @@ from forgehand.sandbox.backend import (
 )
 from forgehand.sandbox.errors import SandboxError
 from forgehand.sandbox.runs import run_spec
-from forgehand.sandbox.spec import SandboxSpec
+from forgehand.sandbox.spec import Limits, SandboxSpec
 
 WORK_ROOT = Path("/run/forgehand/work")
 END_GRACE_SECONDS = 10.0
@@ -65,7 +75,62 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--isolation", choices=("process", "kernel", "container"), default="process"
     )
+    _more_run_options(parser)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS…]")
+
+
+def _more_run_options(parser: argparse.ArgumentParser) -> None:
+    defaults = Limits()
+    parser.add_argument(
+        "--cpus",
+        type=_cores,
+        metavar="N",
+        help=f"CPU bandwidth in cores, e.g. 1.5 (default {defaults.cpu_cores:g})",
+    )
+    parser.add_argument(
+        "--output-limit",
+        metavar="SIZE",
+        help="output a command may write, e.g. 10M; past it the output is cut off and the "
+        f"command stopped (default {defaults.output_bytes >> 20}M)",
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME[=VALUE]",
+        help="set NAME in the sandbox; NAME alone passes this environment's value; "
+        "repeatable. Nothing else of this environment goes in",
+    )
+    parser.add_argument(
+        "--mount",
+        action="append",
+        default=[],
+        metavar="SRC[:DST]",
+        help="mount host path SRC read-only at DST (default: SRC); repeatable",
+    )
+    parser.add_argument(
+        "--read-only-network",
+        action="store_true",
+        help="with --network proxy: only GET, HEAD, OPTIONS over plain http; https refused",
+    )
+    parser.add_argument("--stdin", action="store_true", help="forward this stdin to the command")
+    parser.add_argument(
+        "--rootfs",
+        metavar="DIR",
+        help="a root filesystem directory (an unpacked image) instead of the host's /usr; "
+        "the command runs on its programs, read-only",
+    )
+
+
+def _cores(text: str) -> float:
+    """argparse type of --cpus: a finite number (its sign is the spec's to check)."""
+    try:
+        cores = float(text)
+    except ValueError:
+        cores = math.nan
+    if not math.isfinite(cores):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of cores, e.g. 1.5")
+    return cores
 
 
 def build_spec(args: argparse.Namespace, work_dir: Path) -> SandboxSpec:
@@ -73,25 +138,70 @@ def build_spec(args: argparse.Namespace, work_dir: Path) -> SandboxSpec:
     network: dict[str, Any] = {"mode": args.network}
     if args.network == "proxy":
         network["allow_hosts"] = tuple(args.allow_host)
+        network["read_only_methods"] = args.read_only_network
+    limits: dict[str, Any] = {
+        "memory_bytes": args.memory,
+        "pids": args.pids,
+        "disk_bytes": args.disk,
+        "wall_time_seconds": args.timeout,
+    }
+    if args.cpus is not None:
+        limits["cpu_cores"] = args.cpus
+    if args.output_limit is not None:
+        limits["output_bytes"] = args.output_limit
     return SandboxSpec.model_validate(
         {
             "work_dir": {"host_path": str(work_dir)},
-            "limits": {
-                "memory_bytes": args.memory,
-                "pids": args.pids,
-                "disk_bytes": args.disk,
-                "wall_time_seconds": args.timeout,
-            },
+            "limits": limits,
             "network": network,
             "isolation": args.isolation,
+            "env": _environment(args.env),
+            "ro_mounts": [_mount(item) for item in args.mount],
+            "root": _root(args.rootfs),
         }
     )
+
+
+def _root(rootfs: str | None) -> dict[str, str]:
+    """``--rootfs DIR`` (relative to the current directory), which must be a directory."""
+    if rootfs is None:
+        return {"type": "host"}
+    path = Path.cwd() / rootfs
+    if not path.is_dir():
+        raise _UsageError(f"--rootfs {rootfs}: no such directory")
+    return {"type": "dir", "path": str(path)}
+
+
+def _environment(items: list[str]) -> dict[str, str]:
+    """``--env NAME=VALUE`` as given; ``--env NAME`` takes NAME's value from ours."""
+    env = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            if name not in os.environ:
+                raise _UsageError(
+                    f"--env {name}: {name} is not set here; set it or give --env {name}=VALUE"
+                )
+            value = os.environ[name]
+        env[name] = value
+    return env
+
+
+def _mount(item: str) -> dict[str, str]:
+    """``--mount SRC[:DST]``: SRC relative to the current directory, which must exist."""
+    source, sep, target = item.partition(":")
+    path = Path.cwd() / source  # an absolute SRC stays as it is
+    if not source or not path.exists():
+        raise _UsageError(f"--mount {item}: no such host path {source!r}")
+    return {"source": str(path), "target": target} if sep else {"source": str(path)}
 
 
 def _command(args: argparse.Namespace) -> list[str]:
     command: list[str] = args.command[1:] if args.command[:1] == ["--"] else args.command
     if args.allow_host and args.network != "proxy":
         raise _UsageError("--allow-host needs --network proxy")
+    if args.read_only_network and args.network != "proxy":
+        raise _UsageError("--read-only-network needs --network proxy")
     if not command:
         raise _UsageError("give the command after --, e.g. `forgehand sandbox run -- echo hi`")
     return command
@@ -119,15 +229,15 @@ def _sync(coro: Any) -> int:
 async def _run(args: argparse.Namespace) -> int:
     command = _command(args)
     work_dir = WORK_ROOT / uuid.uuid4().hex[:16]
-    spec = build_spec(args, work_dir)
+    spec = await asyncio.to_thread(build_spec, args, work_dir)  # it checks --mount paths
     backend = await asyncio.to_thread(choose_backend, spec, args.backend)
     await asyncio.to_thread(_make_work_root)
     async with backend.create(spec) as sandbox:
-        return await _run_in(sandbox, spec, command)
+        return await _run_in(sandbox, spec, run_spec(spec, command, stdin=args.stdin))
 
 
-async def _run_in(sandbox: Sandbox, spec: SandboxSpec, command: list[str]) -> int:
-    running = _start_and_stream(sandbox, run_spec(spec, command))
+async def _run_in(sandbox: Sandbox, spec: SandboxSpec, run: RunSpec) -> int:
+    running = _start_and_stream(sandbox, run)
     if not isinstance(sandbox, EndsOnItsOwn):
         return await running
     # The sandbox may end under the run (gVisor on out-of-memory), even before its start
@@ -163,7 +273,13 @@ async def _run_in(sandbox: Sandbox, spec: SandboxSpec, command: list[str]) -> in
 
 async def _start_and_stream(sandbox: Sandbox, spec: RunSpec) -> int:
     run_id = await sandbox.client.start(spec)
-    return await stream_run(sandbox.client, run_id, 0)
+    feeder = asyncio.create_task(feed_stdin(sandbox.client, run_id)) if spec.stdin else None
+    try:
+        return await stream_run(sandbox.client, run_id, 0)
+    finally:
+        if feeder is not None:
+            feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
 
 
 def _make_work_root() -> None:

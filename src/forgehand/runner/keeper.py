@@ -83,6 +83,9 @@ DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NAME = 15
 KEEPER_COMM = "forgehand-keep"  # at most 15 bytes
+PYTHON_M_VARIABLE = "FORGEHAND_PYTHON_M"
+"""In the runner's own environment, where set: the JSON list that stands for ``python -m``
+in its sandbox (a custom root's, see ``forgehand.sandbox.layout``), for the step engine."""
 F_SETPIPE_SZ = 1031
 C_INT = struct.Struct("i")
 RESET_SIGNALS = (signal.SIGPIPE, signal.SIGINT, signal.SIGCHLD, signal.SIGTERM, signal.SIGQUIT)
@@ -844,10 +847,21 @@ def _step_event(line: bytes) -> pb.Event | None:
 
 def _argv(request: pb.StartRequest) -> list[str]:
     if request.HasField("step"):
-        return [sys.executable, "-m", "forgehand.steps.engine"]
+        return [*_python_m(), "forgehand.steps.engine"]
     if request.HasField("script"):
         return [request.script.interpreter or "/bin/sh", "-c", request.script.source]
     return list(request.argv.args)
+
+
+def _python_m() -> list[str]:
+    """``python -m`` for the runner's own Python programs: this interpreter, or what the
+    sandbox says stands for it (``PYTHON_M_VARIABLE``)."""
+    given = os.environ.get(PYTHON_M_VARIABLE, "")
+    with contextlib.suppress(ValueError):
+        argv = json.loads(given) if given else None
+        if isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv):
+            return argv
+    return [sys.executable, "-m"]
 
 
 def _stdin_error(run: Run) -> str:

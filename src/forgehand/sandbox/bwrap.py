@@ -36,12 +36,12 @@ from forgehand.sandbox.errors import (
     SandboxLaunchError,
     SandboxStateError,
 )
+from forgehand.sandbox.layout import HOST_TOP_DIRS, Bind, CustomRoot, Link, custom_root
 from forgehand.sandbox.spec import DirRoot, OpenNetwork, ProxyNetwork, SandboxSpec
 
 PROVIDES_ISOLATION = frozenset({"process"})
 JOIN_FAILED_EXIT = 125
 EGRESS_SOCKET = "/run/forgehand/egress.sock"
-HOST_TOP_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 # /etc pieces programs need; never the whole /etc (shadow, ssh keys, pip.conf, ...).
 HOST_ETC = (
     "alternatives",
@@ -189,17 +189,19 @@ def build_argv(
     bwrap: str = "bwrap",
     identity: Identity = Identity(),
     extra: Sequence[str] = (),
+    root: CustomRoot | None = None,
 ) -> list[str]:
     """The bwrap command line that runs ``command`` as ``spec`` describes.
 
     ``extra`` (more bwrap options, e.g. backend-private mounts) goes after the spec's mounts.
+    ``root`` is what a ``root: dir`` brings (``layout.custom_root``, read by the caller).
     """
     if not command:
         raise SandboxLaunchError("empty command: pass the program and its arguments")
     return [
         bwrap,
         *_namespace_args(spec, identity),
-        *_root_args(spec),
+        *_root_args(spec, root),
         *_data_args(data_fds),
         *_scratch_args(spec),
         *_mount_args(spec),
@@ -225,9 +227,14 @@ def _namespace_args(spec: SandboxSpec, identity: Identity) -> list[str]:
     return args
 
 
-def _root_args(spec: SandboxSpec) -> list[str]:
+def _root_args(spec: SandboxSpec, root: CustomRoot | None) -> list[str]:
     if isinstance(spec.root, DirRoot):
-        return ["--ro-bind", str(spec.root.path), "/"]
+        if root is None:
+            raise SandboxLaunchError("a root: dir sandbox needs its layout.custom_root")
+        args = [*_entry_args(root.binds), *_entry_args(root.links), *_entry_args(root.etc)]
+        if isinstance(spec.network, OpenNetwork):  # the host's network, so its resolver
+            args += ["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]
+        return args
     args = ["--ro-bind", "/usr", "/usr"]
     for name in HOST_TOP_DIRS:
         host = Path("/") / name
@@ -239,6 +246,16 @@ def _root_args(spec: SandboxSpec) -> list[str]:
         args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
     if isinstance(spec.network, OpenNetwork):
         args += ["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]
+    return args
+
+
+def _entry_args(entries: Sequence[Bind | Link]) -> list[str]:
+    args: list[str] = []
+    for entry in entries:
+        if isinstance(entry, Link):
+            args += ["--symlink", entry.to, str(entry.path)]
+        else:
+            args += ["--ro-bind", str(entry.source), str(entry.target)]
     return args
 
 
@@ -336,6 +353,7 @@ class BwrapSandbox:
         self.cgroup: CgroupGroup | None = None
         self._bwrap = ""
         self._filter = b""
+        self.custom_root: CustomRoot | None = None
         self._work_mounted = False
         self._processes: list[asyncio.subprocess.Process] = []
 
@@ -378,6 +396,7 @@ class BwrapSandbox:
                 "run the service as root or choose backend=podman"
             )
         self._check_paths()
+        self.custom_root = custom_root(self.spec)
 
     def _check_paths(self) -> None:
         self.spec.work_dir.host_path.mkdir(parents=True, exist_ok=True)
@@ -421,6 +440,7 @@ class BwrapSandbox:
                 bwrap=self._bwrap,
                 identity=self.identity,
                 extra=self.extra_args,
+                root=self.custom_root,
             )
         except BaseException:
             files.close()
@@ -431,8 +451,7 @@ class BwrapSandbox:
         files = DataFiles()
         files.add("seccomp", self._filter)
         for dest, content in etc_files(self.spec, self.identity).items():
-            if not isinstance(self.spec.root, DirRoot) or (self.spec.root.path / dest[1:]).exists():
-                files.add(dest, content)
+            files.add(dest, content)
         return files
 
     async def run(self, command: Sequence[str], stdin: bytes | None = None) -> CommandResult:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import compileall
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -50,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import forgehand
 from forgehand.runner import errors as runner_errors
 from forgehand.runner.client import RunnerClient
-from forgehand.runner.keeper import KEEPER_COMM
+from forgehand.runner.keeper import KEEPER_COMM, PYTHON_M_VARIABLE
 from forgehand.runner.model import Exited, Output, RunResult, RunSpec
 from forgehand.sandbox import cgroups, rootfs, seccomp
 from forgehand.sandbox.backend import Achieved, Availability, SandboxRecord, register_backend
@@ -71,6 +72,7 @@ from forgehand.sandbox.errors import (
     SandboxLaunchError,
     SandboxStateError,
 )
+from forgehand.sandbox.layout import RunnerUserland, runner_userland
 from forgehand.sandbox.registry import (
     DEFAULT_ROOT,
     Entry,
@@ -83,6 +85,7 @@ from forgehand.sandbox.runs import EGRESS_LOG, run_environment, run_spec
 from forgehand.sandbox.sockets import PinnedSocketConnector
 from forgehand.sandbox.spec import (
     ByteSize,
+    DirRoot,
     IsolationLevel,
     Limits,
     OpenNetwork,
@@ -191,6 +194,7 @@ class BwrapRunnerSandbox:
         )
         self._box: BwrapSandbox | None = None
         self._proxy: EgressProxy | None = None
+        self._userland: RunnerUserland | None = None
         self._runner: asyncio.subprocess.Process | None = None
         self._achieved: Achieved | None = None
         self._work_made = False
@@ -298,6 +302,9 @@ class BwrapRunnerSandbox:
         await self._make_sock_dir()
         if isinstance(self.spec.network, ProxyNetwork):
             await self._start_proxy(self.spec.network)
+        if isinstance(self.spec.root, DirRoot):
+            venv, source = self.config.venv, self.config.package_root
+            self._userland = await asyncio.to_thread(runner_userland, venv, source)
         await self._start_box()
         await self._spawn_runner()
         await self._wait_ready()
@@ -354,8 +361,13 @@ class BwrapRunnerSandbox:
 
     def _extra_args(self) -> list[str]:
         args: list[str] = []
-        for path in _outermost(self._runtime_paths()):
-            args += ["--ro-bind", str(path), str(path)]
+        if self._userland is not None:  # a custom root: the runner brings the host's userland
+            for bind in self._userland.binds:
+                args += ["--ro-bind", str(bind.source), str(bind.target)]
+            args += ["--setenv", PYTHON_M_VARIABLE, json.dumps(self._userland.python_m())]
+        else:
+            for path in _outermost(self._runtime_paths()):
+                args += ["--ro-bind", str(path), str(path)]
         args += ["--bind", str(self._dir / "sock"), SOCK_DIR]
         args += ["--size", str(self.config.runner_state_bytes), "--perms", "0700"]
         args += ["--tmpfs", RUNNER_STATE, "--setenv", "PYTHONDONTWRITEBYTECODE", "1"]
@@ -388,9 +400,8 @@ class BwrapRunnerSandbox:
     def _runner_argv(self, ready_fd: int) -> list[str]:
         journal = max(256 << 10, min(64 << 20, self.spec.limits.output_bytes + (1 << 20)))
         return [
-            str(self.config.python),
-            *RUNNER_PYTHON_FLAGS,
-            *("-m", "forgehand.runner.cli", "serve", "--socket", RUNNER_SOCKET),
+            *self._python_m("forgehand.runner.cli"),
+            *("serve", "--socket", RUNNER_SOCKET),
             *("--state-dir", RUNNER_STATE, "--root", str(self.spec.work_dir.sandbox_path)),
             *("--memory-events", MEMORY_EVENTS, "--journal-max-bytes", str(journal)),
             *("--supervise", "--max-restarts", str(self.config.runner_max_restarts)),
@@ -468,10 +479,17 @@ class BwrapRunnerSandbox:
             f"{self.config.python} can import forgehand inside the sandbox"
         )
 
+    def _python_m(self, module: str) -> list[str]:
+        """``python -m MODULE`` inside the sandbox: the venv's, or the runner's own userland
+        in a custom root."""
+        if self._userland is not None:
+            return [*self._userland.python_m(), module]
+        return [str(self.config.python), *RUNNER_PYTHON_FLAGS, "-m", module]
+
     async def _start_forwarder(self) -> None:
-        module = ("-m", "forgehand.sandbox.egress.forwarder", "--socket", EGRESS_SOCKET)
+        forwarder = self._python_m("forgehand.sandbox.egress.forwarder")
         spec = RunSpec(
-            argv=(str(self.config.python), *module),
+            argv=(*forwarder, "--socket", EGRESS_SOCKET),
             env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"},
             cwd="/",
         )

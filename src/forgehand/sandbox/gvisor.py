@@ -246,19 +246,20 @@ def check_spec(spec: SandboxSpec) -> None:
 
 
 def mount_points(spec: SandboxSpec) -> list[PurePosixPath]:
-    """Every path the bundle mounts on, which must exist in the read-only rootfs."""
-    points = [PurePosixPath(p) for p in rootfs.host_binds()]
-    points += [target for _, target in rootfs.RunnerInstall.current().mounts()]
-    points += [PurePosixPath(spec.work_dir.sandbox_path)]
+    """The paths the bundle mounts on besides the root's binds (``SandboxRoot``), which
+    must exist in the read-only rootfs."""
+    points = [PurePosixPath(spec.work_dir.sandbox_path)]
     points += [PurePosixPath(m.destination) for m in spec.ro_mounts]
     if isinstance(spec.network, ProxyNetwork):
         points.append(rootfs.EGRESS_SOCKET)
     return points
 
 
-def read_only_sources(spec: SandboxSpec, egress: EgressProxy | None) -> list[Path]:
+def read_only_sources(
+    spec: SandboxSpec, egress: EgressProxy | None, root: rootfs.SandboxRoot
+) -> list[Path]:
     """Every host path the bundle binds read-only, once each."""
-    sources = [*rootfs.host_binds(), *(s for s, _ in rootfs.RunnerInstall.current().mounts())]
+    sources = [bind.source for bind in root.binds]
     sources += [m.source for m in spec.ro_mounts]
     if egress is not None:
         sources += [src for src, _, writable in rootfs.egress_mounts(egress) if not writable]
@@ -281,6 +282,7 @@ def oci_mounts(
     egress: EgressProxy | None,
     views: Mapping[Path, Path],
     sock_dir: Path | None,
+    root: rootfs.SandboxRoot,
 ) -> list[dict[str, Any]]:
     """The bundle's mounts: system, runner, scratch, work dir, extra, egress and the
     runner's socket dir (``sock_dir``, the socket channel). Each read-only source is bound
@@ -291,8 +293,7 @@ def oci_mounts(
         _tmpfs("/tmp", spec.limits.disk_bytes, "1777"),
         _tmpfs(str(rootfs.RUN_DIR.parent), config.runner_state_bytes, "1777"),
     ]
-    mounts += [_bind(views[path], path) for path in rootfs.host_binds()]
-    mounts += [_bind(views[src], dst) for src, dst in rootfs.RunnerInstall.current().mounts()]
+    mounts += [_bind(views[bind.source], bind.target) for bind in root.binds]
     mounts.append(_bind(spec.work_dir.host_path, spec.work_dir.sandbox_path, writable=True))
     mounts += [_bind(views[m.source], m.destination) for m in spec.ro_mounts]
     for src, dst, writable in rootfs.egress_mounts(egress) if egress is not None else ():
@@ -308,17 +309,18 @@ def oci_config(
     cgroup_path: str,
     egress: EgressProxy | None,
     views: Mapping[Path, Path],
+    root: rootfs.SandboxRoot,
     sock_dir: Path | None = None,
 ) -> dict[str, Any]:
     """The bundle's config.json: the runner as an unprivileged user, no capabilities. With
     ``sock_dir`` the runner listens there (the socket channel), else inside gVisor only."""
-    env = rootfs.runner_env(spec)
+    env = root.runner_env(spec)
     socket = rootfs.RUNNER_SOCKET if sock_dir is None else rootfs.SHARED_SOCKET
     return {
         "ociVersion": "1.0.2",
         "process": {
             "user": {"uid": rootfs.SANDBOX_UID, "gid": rootfs.SANDBOX_GID},
-            "args": rootfs.serve_argv(spec, socket=socket),
+            "args": rootfs.serve_argv(spec, socket=socket, python_m=root.python_m),
             "env": [f"{k}={v}" for k, v in env.items()],
             "cwd": "/",
             "capabilities": {k: [] for k in ("bounding", "effective", "permitted")},
@@ -327,7 +329,7 @@ def oci_config(
         },
         "root": {"path": "rootfs", "readonly": True},
         "hostname": "sandbox",
-        "mounts": oci_mounts(spec, config, egress, views, sock_dir),
+        "mounts": oci_mounts(spec, config, egress, views, sock_dir, root),
         "linux": {
             "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
             "resources": {"memory": {"limit": spec.limits.memory_bytes}},
@@ -352,6 +354,8 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         self._sock_dir = self._dir / "sock"
         self._sock_mounted = False
         self._views: dict[Path, Path] = {}
+        self._sandbox_root: rootfs.SandboxRoot | None = None
+        self._python_m: tuple[str, ...] = rootfs.VENV_PYTHON_M
         self._channel: Channel = "exec" if config.runner_channel == "exec" else "socket"
         self._client = self._make_client()
         self._group: CgroupGroup | None = None
@@ -451,7 +455,7 @@ class GVisorSandbox(rootfs.ManagedSandbox):
 
     def _make_client(self) -> RunnerClient:
         if self._channel == "exec":
-            return rootfs.exec_client(self._exec_argv(rootfs.proxy_argv()))
+            return rootfs.exec_client(self._exec_argv(rootfs.proxy_argv(self._python_m)))
         # The sandbox can write sock/ (its runner binds there): never follow what it puts
         # there. The gofer makes the socket file owned by the binding process's uid.
         socket = self._sock_dir / rootfs.SHARED_SOCKET.name
@@ -469,6 +473,10 @@ class GVisorSandbox(rootfs.ManagedSandbox):
                 self._id,
             )
             self._channel = channel
+            self._client = self._make_client()
+        self._sandbox_root = await rootfs.blocking(rootfs.SandboxRoot.for_spec, self.spec)
+        if self._sandbox_root.python_m != self._python_m:  # a custom root's runner userland
+            self._python_m = self._sandbox_root.python_m
             self._client = self._make_client()
         self._work_made = not await rootfs.blocking(self.work_dir.exists)
         entry = own_entry(NAME, self._id, self.work_dir, self._work_made)
@@ -488,7 +496,7 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         await rootfs.blocking(self._fit_pids_limit)
         if self._proxy is not None:
             async with asyncio.timeout(self.config.ready_timeout_seconds):
-                await rootfs.start_forwarder(self._client)
+                await rootfs.start_forwarder(self._client, self._root().python_m)
         self._achieved = await rootfs.blocking(self._read_achieved)
         self._watcher = asyncio.create_task(self._watch())
 
@@ -502,11 +510,16 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         )
         self._pids_events_before = await rootfs.blocking(_pids_events, self._group)
 
+    def _root(self) -> rootfs.SandboxRoot:
+        if self._sandbox_root is None:
+            raise SandboxStateError(f"sandbox {self._id}: its root is not laid out yet")
+        return self._sandbox_root
+
     def _make_views(self) -> None:
         """A read-only view of each read-only source under ``ro/``, for the bundle."""
         views = self._dir / VIEWS
         views.mkdir(mode=0o700)
-        for index, source in enumerate(read_only_sources(self.spec, self._proxy)):
+        for index, source in enumerate(read_only_sources(self.spec, self._proxy, self._root())):
             self._views[source] = views / str(index)
             readonly_views.bind_read_only(source, views / str(index))
 
@@ -514,10 +527,13 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         assert self._group is not None
         bundle = self._dir / "bundle"
         bundle.mkdir(mode=0o711)
-        rootfs.prepare_rootfs(bundle / "rootfs", self.spec, mount_points(self.spec))
+        root = self._root()
+        rootfs.prepare_rootfs(bundle / "rootfs", self.spec, mount_points(self.spec), root)
         cgroup_path = f"/{cgroups.PARENT}/{self._group.name}"
         sock_dir = self._sock_dir if self._channel == "socket" else None
-        config = oci_config(self.spec, self.config, cgroup_path, self._proxy, self._views, sock_dir)
+        config = oci_config(
+            self.spec, self.config, cgroup_path, self._proxy, self._views, root, sock_dir
+        )
         (bundle / "config.json").write_text(json.dumps(config, indent=1))
 
     def _runsc(self, *arguments: str) -> list[str]:

@@ -150,10 +150,9 @@ def check_spec(spec: SandboxSpec) -> None:
 
 
 def mount_points(spec: SandboxSpec) -> list[PurePosixPath]:
-    """Every path the container mounts on, which must exist in the read-only rootfs."""
-    points = [PurePosixPath(p) for p in rootfs.host_binds()]
-    points += [target for _, target in rootfs.RunnerInstall.current().mounts()]
-    points += [PurePosixPath(spec.work_dir.sandbox_path), rootfs.RUN_DIR]
+    """The paths the container mounts on besides the root's binds (``SandboxRoot``),
+    which must exist in the read-only rootfs."""
+    points = [PurePosixPath(spec.work_dir.sandbox_path), rootfs.RUN_DIR]
     points += [PurePosixPath(m.destination) for m in spec.ro_mounts]
     if isinstance(spec.network, ProxyNetwork):
         points.append(rootfs.EGRESS_SOCKET)
@@ -223,10 +222,11 @@ def security_args(seccomp: Path) -> list[str]:
     ]
 
 
-def volume_args(spec: SandboxSpec, egress: EgressProxy | None) -> list[str]:
+def volume_args(
+    spec: SandboxSpec, egress: EgressProxy | None, root: rootfs.SandboxRoot
+) -> list[str]:
     """Read-only system and runner mounts, the work dir, the egress socket and log."""
-    pairs = [(p, PurePosixPath(p)) for p in rootfs.host_binds()]
-    pairs += rootfs.RunnerInstall.current().mounts()
+    pairs = [(bind.source, bind.target) for bind in root.binds]
     pairs += [(m.source, PurePosixPath(m.destination)) for m in spec.ro_mounts]
     args = [a for src, dst in pairs for a in ("--volume", f"{src}:{dst}:ro")]
     args += ["--volume", f"{spec.work_dir.host_path}:{spec.work_dir.sandbox_path}:rw"]
@@ -235,8 +235,8 @@ def volume_args(spec: SandboxSpec, egress: EgressProxy | None) -> list[str]:
     return args
 
 
-def env_args(spec: SandboxSpec) -> list[str]:
-    return [a for k, v in rootfs.runner_env(spec).items() for a in ("--env", f"{k}={v}")]
+def env_args(spec: SandboxSpec, root: rootfs.SandboxRoot) -> list[str]:
+    return [a for k, v in root.runner_env(spec).items() for a in ("--env", f"{k}={v}")]
 
 
 class PodmanSandbox(rootfs.ManagedSandbox):
@@ -257,6 +257,7 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         socket = self._sock_dir / rootfs.SHARED_SOCKET.name
         self._client = RunnerClient.connect(PinnedSocketConnector(socket, rootfs.SANDBOX_UID))
         self._proxy: EgressProxy | None = None
+        self._sandbox_root: rootfs.SandboxRoot | None = None
         self._achieved: Achieved | None = None
         self._ended: SandboxEnd | None = None
         self._work_made = False
@@ -327,6 +328,7 @@ class PodmanSandbox(rootfs.ManagedSandbox):
     async def _launch(self) -> None:
         check_spec(self.spec)
         await rootfs.blocking(check_host, self.config)
+        self._sandbox_root = await rootfs.blocking(rootfs.SandboxRoot.for_spec, self.spec)
         self._work_made = not await rootfs.blocking(self.work_dir.exists)
         entry = own_entry(NAME, self._id, self.work_dir, self._work_made)
         await rootfs.blocking(self._registry.add, entry)
@@ -336,8 +338,9 @@ class PodmanSandbox(rootfs.ManagedSandbox):
             self._proxy = await rootfs.start_egress(
                 self._dir, self.spec.network, self.config, self._resolver
             )
+        made = self._root()
         root = await rootfs.blocking(
-            rootfs.prepare_rootfs, self._dir / "rootfs", self.spec, mount_points(self.spec)
+            rootfs.prepare_rootfs, self._dir / "rootfs", self.spec, mount_points(self.spec), made
         )
         profile = json.dumps(seccomp_profile())
         await rootfs.blocking((self._dir / "seccomp.json").write_text, profile)
@@ -345,9 +348,14 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         await self._wait_ready()
         if self._proxy is not None:
             async with asyncio.timeout(self.config.ready_timeout_seconds):
-                await rootfs.start_forwarder(self._client)
+                await rootfs.start_forwarder(self._client, self._root().python_m)
         self._achieved = await self._read_achieved()
         self._watcher = asyncio.create_task(self._watch())
+
+    def _root(self) -> rootfs.SandboxRoot:
+        if self._sandbox_root is None:
+            raise SandboxStateError(f"sandbox {self._id}: its root is not laid out yet")
+        return self._sandbox_root
 
     def _podman(self, *arguments: str) -> list[str]:
         return [self.config.podman, *arguments]
@@ -363,11 +371,13 @@ class PodmanSandbox(rootfs.ManagedSandbox):
             *security_args(self._dir / "seccomp.json"),
             *limit_args(self.spec, self.config.nproc_rlimit),
             *("--tmpfs", self._run_tmpfs()),
-            *volume_args(self.spec, self._proxy),
+            *volume_args(self.spec, self._proxy, self._root()),
             *("--volume", f"{self._sock_dir}:{rootfs.SOCK_DIR}:rw"),
-            *env_args(self.spec),
+            *env_args(self.spec, self._root()),
             *("--workdir", "/", "--rootfs", str(root)),
-            *rootfs.serve_argv(self.spec, _memory_events(), rootfs.SHARED_SOCKET),
+            *rootfs.serve_argv(
+                self.spec, _memory_events(), rootfs.SHARED_SOCKET, self._root().python_m
+            ),
         )
 
     def _run_tmpfs(self) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -35,6 +36,7 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 
 import forgehand
 from forgehand.runner.client import ExecConnector, RunnerClient
+from forgehand.runner.keeper import PYTHON_M_VARIABLE
 from forgehand.runner.model import Exited, ExitReason, Output, RunSpec
 from forgehand.sandbox import bwrap, subreaper
 from forgehand.sandbox.backend import Availability, SandboxRecord
@@ -46,9 +48,20 @@ from forgehand.sandbox.errors import (
     SandboxLaunchError,
     SandboxStateError,
 )
+from forgehand.sandbox.layout import (
+    HOST_TOP_DIRS,
+    OPT,
+    SRC_TARGET,
+    VENV_TARGET,
+    Bind,
+    CustomRoot,
+    Link,
+    custom_root,
+    runner_userland,
+)
 from forgehand.sandbox.registry import Entry, Registry, list_records, reap_leftovers
 from forgehand.sandbox.runs import EGRESS_LOG
-from forgehand.sandbox.spec import DirRoot, IsolationLevel, ProxyNetwork, SandboxSpec
+from forgehand.sandbox.spec import IsolationLevel, ProxyNetwork, SandboxSpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,9 +69,6 @@ SETTLE_SECONDS = 60.0  # how long a cancelled start waits for a container comman
 SANDBOX_UID = 1000
 SANDBOX_GID = 1000
 SANDBOX_USER = "sandbox"
-OPT = PurePosixPath("/opt/forgehand")
-VENV_TARGET = OPT / "venv"
-SRC_TARGET = OPT / "src"
 EGRESS_SOCKET = OPT / "egress.sock"
 RUN_DIR = PurePosixPath("/run/forgehand")
 RUNNER_SOCKET = RUN_DIR / "runner.sock"
@@ -68,7 +78,7 @@ SOCK_DIR_BYTES = 64 << 10
 RUNNER_STATE = RUN_DIR / "state"
 RUNNER_PYTHON = VENV_TARGET / "bin" / "python"
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
-_MERGED_USR = bwrap.HOST_TOP_DIRS
+_MERGED_USR = HOST_TOP_DIRS
 _EMPTY_DIRS = ("proc", "dev", "sys", "tmp", "run", "etc", "usr", "opt/forgehand")
 # /etc pieces programs need; never the whole /etc (shadow, ssh keys, pip.conf, ...).
 # bwrap's list, without /etc/ca-certificates (update-ca-certificates' own settings, which
@@ -102,27 +112,68 @@ class RunnerInstall:
         return [(self.venv, VENV_TARGET), (self.source, SRC_TARGET)]
 
 
-def runner_argv(*arguments: str) -> list[str]:
+VENV_PYTHON_M = (str(RUNNER_PYTHON), "-m")
+
+
+@dataclass(frozen=True)
+class SandboxRoot:
+    """What fills an OCI sandbox's root (see ``forgehand.sandbox.layout``): the read-only
+    binds of the system (the host's dirs, or a custom root's entries) and of the runner,
+    and what stands for ``python -m`` there."""
+
+    binds: tuple[Bind, ...]
+    custom: CustomRoot | None
+    python_m: tuple[str, ...]
+
+    @classmethod
+    def for_spec(cls, spec: SandboxSpec) -> SandboxRoot:
+        """Blocking: a custom root's directories are listed."""
+        install = RunnerInstall.current()
+        custom = custom_root(spec)
+        if custom is None:
+            system = [Bind(p, PurePosixPath(p)) for p in host_binds()]
+            runner = [Bind(source, target) for source, target in install.mounts()]
+            return cls((*system, *runner), None, VENV_PYTHON_M)
+        userland = runner_userland(install.venv, install.source)
+        return cls((*custom.binds, *userland.binds), custom, tuple(userland.python_m()))
+
+    def runner_env(self, spec: SandboxSpec) -> dict[str, str]:
+        """``runner_env``, plus how the runner starts Python (a custom root)."""
+        env = runner_env(spec)
+        if self.custom is not None:
+            env[PYTHON_M_VARIABLE] = json.dumps(self.python_m)
+        return env
+
+    def mount_points(self) -> list[PurePosixPath]:
+        return [bind.target for bind in self.binds]
+
+
+def runner_argv(*arguments: str, python_m: Sequence[str] = VENV_PYTHON_M) -> list[str]:
     """``forgehand-runner ARGUMENTS`` as run inside the sandbox."""
-    return [str(RUNNER_PYTHON), "-m", "forgehand.runner.cli", *arguments]
+    return [*python_m, "forgehand.runner.cli", *arguments]
 
 
 def serve_argv(
-    spec: SandboxSpec, memory_events: str = "", socket: PurePosixPath = RUNNER_SOCKET
+    spec: SandboxSpec,
+    memory_events: str = "",
+    socket: PurePosixPath = RUNNER_SOCKET,
+    python_m: Sequence[str] = VENV_PYTHON_M,
 ) -> list[str]:
     """The sandbox's long-lived process: ``forgehand-runner serve --supervise`` on the work
     dir. As the container's init it is the keeper, which reaps orphans, and it restarts
     a daemon that crashes, so the sandbox and its runs outlive it."""
     journal = max(256 << 10, min(64 << 20, spec.limits.output_bytes + (1 << 20)))
-    argv = runner_argv("serve", "--socket", str(socket), "--state-dir", str(RUNNER_STATE))
+    argv = runner_argv(
+        *("serve", "--socket", str(socket), "--state-dir", str(RUNNER_STATE)), python_m=python_m
+    )
     argv += ["--root", str(spec.work_dir.sandbox_path), "--journal-max-bytes", str(journal)]
     argv += ["--supervise"]
     return argv + (["--memory-events", memory_events] if memory_events else [])
 
 
-def proxy_argv() -> list[str]:
+def proxy_argv(python_m: Sequence[str] = VENV_PYTHON_M) -> list[str]:
     """The in-sandbox end of an exec channel: stdin/stdout bridged to the runner socket."""
-    return runner_argv("proxy", "--socket", str(RUNNER_SOCKET))
+    return runner_argv("proxy", "--socket", str(RUNNER_SOCKET), python_m=python_m)
 
 
 MAX_STACKED_MOUNTS = 8
@@ -185,17 +236,29 @@ def host_binds() -> list[Path]:
     return [Path("/usr"), *(p for p in real if not p.is_symlink())]
 
 
-def prepare_rootfs(dest: Path, spec: SandboxSpec, mount_points: Iterable[PurePosixPath]) -> Path:
-    """Make the per-sandbox root directory ``dest`` (blocking; use ``asyncio.to_thread``)."""
-    if isinstance(spec.root, DirRoot):
-        return _check_dir_root(spec.root.path, mount_points)
+def prepare_rootfs(
+    dest: Path,
+    spec: SandboxSpec,
+    mount_points: Iterable[PurePosixPath],
+    root: SandboxRoot,
+) -> Path:
+    """Make the per-sandbox root directory ``dest`` (blocking; use ``asyncio.to_thread``):
+    the mount points of ``root``'s binds and of ``mount_points``, top-level symlinks, and
+    /etc (the host's chosen files, or a custom root's own) with the generated files."""
     dest.mkdir(mode=0o755)
     for name in _EMPTY_DIRS:
         (dest / name).mkdir(parents=True, exist_ok=True)
-    _link_merged_usr(dest)
-    _copy_host_etc(dest / "etc")
+    if root.custom is None:
+        _link_merged_usr(dest)
+        _copy_host_etc(dest / "etc")
+    else:
+        for link in root.custom.links:
+            (dest / link.path.relative_to("/")).symlink_to(link.to)
+        _copy_root_etc(root.custom, dest / "etc")
     for name, text in etc_files(spec).items():
         (dest / "etc" / name).write_text(text)
+    for bind in root.binds:
+        _make_mount_point(dest, bind.target, file=bind.source.is_file())
     for point in mount_points:
         _make_mount_point(dest, point)
     # podman copies a tmpfs's mode (not its owner) from the directory below it.
@@ -224,23 +287,34 @@ def _copy_host_etc(etc: Path) -> None:
             shutil.copy2(source, target, follow_symlinks=False)
 
 
-def _make_mount_point(root: Path, point: PurePosixPath) -> None:
+def _copy_root_etc(root: CustomRoot, etc: Path) -> None:
+    """A custom root's /etc entries (``layout.custom_root`` left out the generated ones),
+    copied as they are, symlinks as symlinks: a sandbox's /etc is small and its own."""
+    for entry in root.etc:
+        target = etc / entry.path.name if isinstance(entry, Link) else etc / entry.target.name
+        if isinstance(entry, Link):
+            target.symlink_to(entry.to)
+        elif entry.source.is_dir():
+            shutil.copytree(entry.source, target, symlinks=True, ignore=_special_files)
+        else:
+            shutil.copy2(entry.source, target, follow_symlinks=False)
+
+
+def _special_files(directory: str, names: list[str]) -> set[str]:
+    """Devices, sockets and fifos in a root's /etc: not copied."""
+    keep = {n for n in names if os.path.islink(os.path.join(directory, n))}
+    keep |= {n for n in names if os.path.isdir(os.path.join(directory, n))}
+    keep |= {n for n in names if os.path.isfile(os.path.join(directory, n))}
+    return set(names) - keep
+
+
+def _make_mount_point(root: Path, point: PurePosixPath, *, file: bool = False) -> None:
     path = root / point.relative_to("/")
-    if point == EGRESS_SOCKET:
+    if file or point == EGRESS_SOCKET:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
     else:
         path.mkdir(parents=True, exist_ok=True)
-
-
-def _check_dir_root(root: Path, mount_points: Iterable[PurePosixPath]) -> Path:
-    missing = [p for p in mount_points if not (root / p.relative_to("/")).exists()]
-    if missing:
-        raise SandboxLaunchError(
-            f"rootfs {root} lacks the mount points {', '.join(map(str, missing))}: create "
-            "them in the rootfs (it is mounted read-only) or use root: host"
-        )
-    return root
 
 
 def check_work_path(spec: SandboxSpec) -> None:
@@ -348,7 +422,8 @@ async def start_egress(
     """A host-side allowlisting proxy for one sandbox, on a socket ``owner`` (the sandbox
     user's host uid and gid) may use. Its decision log is ``egress/decisions.jsonl``,
     mounted read-only at ``runs.EGRESS_LOG``. The trusted networks are the backend's and
-    the operator's (``FORGEHAND_TRUSTED_NETWORKS``)."""
+    the operator's (``FORGEHAND_TRUSTED_NETWORKS``); ``network.read_only_methods`` turns on
+    the proxy's read-only mode."""
     egress = directory / "egress"
     await blocking(egress.mkdir, 0o711)
     try:
@@ -356,6 +431,7 @@ async def start_egress(
             socket_path=egress / "egress.sock",
             decision_log_path=egress / "decisions.jsonl",
             allow=tuple(AllowRule(host=h, ports=config.egress_ports) for h in network.allow_hosts),
+            read_only=network.read_only_methods,
             trusted_networks=(*config.trusted_networks, *operator_trusted_networks()),
             allow_loopback_for_tests=config.allow_loopback_for_tests,
         )
@@ -371,11 +447,11 @@ async def start_egress(
     return proxy
 
 
-async def start_forwarder(client: RunnerClient) -> None:
+async def start_forwarder(client: RunnerClient, python_m: Sequence[str] = VENV_PYTHON_M) -> None:
     """Start the in-sandbox forwarder (127.0.0.1:3128 → egress socket) as a runner run."""
-    module = ("-m", "forgehand.sandbox.egress.forwarder", "--socket", str(EGRESS_SOCKET))
+    module = ("forgehand.sandbox.egress.forwarder", "--socket", str(EGRESS_SOCKET))
     env = {"PATH": SANDBOX_PATH, "PYTHONPATH": str(SRC_TARGET)}
-    spec = RunSpec(argv=(str(RUNNER_PYTHON), *module), env=env, cwd="/")
+    spec = RunSpec(argv=(*python_m, *module), env=env, cwd="/")
     await client.start(spec, FORWARDER_RUN_ID)
     await _await_output(client, b"listening on")
 

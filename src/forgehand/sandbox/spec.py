@@ -118,11 +118,11 @@ class Limits(_Strict):
     """Memory (including swap where the kernel accounts it) for all processes together."""
     pids: int = Field(default=512, gt=0)
     """Maximum number of processes and threads at once."""
-    cpu_cores: float = Field(default=1.0, gt=0)
+    cpu_cores: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     """CPU bandwidth in cores (1.5 = one and a half cores)."""
     disk_bytes: ByteSize = 1 << 30
     """Size cap of the sandbox's /tmp, and the default size of the work directory."""
-    wall_time_seconds: float = Field(default=3600.0, gt=0)
+    wall_time_seconds: float = Field(default=3600.0, gt=0, allow_inf_nan=False)
     """Wall-clock time after which a command is killed."""
     output_bytes: ByteSize = 10 << 20
     """Output kept per command; past it the command's output is truncated."""
@@ -144,6 +144,9 @@ class ProxyNetwork(_Strict):
     """Host names the proxy lets through; ``*.example.org`` matches subdomains."""
     socket_path: AbsolutePath | None = None
     """Host path of the proxy's unix socket, mounted into the sandbox when set."""
+    read_only_methods: bool = False
+    """Let only GET, HEAD and OPTIONS through, over plain HTTP; CONNECT (https) is then
+    refused too, because the proxy cannot see the methods sent inside a TLS tunnel."""
 
     @field_validator("allow_hosts")
     @classmethod

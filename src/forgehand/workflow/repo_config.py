@@ -9,6 +9,9 @@ protected_paths:            # added to the defaults (CI configuration, .forgehan
   - deploy/**
 budgets: {max_steps: 30, max_cost_usd: 2.0, max_seconds: 1800}
 limits: {max_changed_files: 50, max_diff_bytes: 500000}
+network:                    # the sandbox reaches the package registries plus these hosts
+  allow: [git.example.com, '*.example.org']
+  read_only: false          # true: only GET, HEAD, OPTIONS over plain http; https refused
 ```
 
 Without the file, common projects are detected from the default branch's file list:
@@ -67,10 +70,15 @@ class SizeLimits(_Strict):
 
 class RepoNetwork(_Strict):
     """What the sandbox may reach (through the egress proxy), besides the package
-    registries it may always reach."""
+    registries it may always reach, and how: with `read_only: true` the proxy lets only
+    GET, HEAD and OPTIONS through, over plain http. It then refuses https (CONNECT) too,
+    registries included, because it cannot see the methods inside a TLS tunnel."""
 
     allow: tuple[str, ...] = Field(
         default=(), description="extra hosts: `example.com`, `*.example.com` or an IP"
+    )
+    read_only: bool = Field(
+        default=False, description="only GET, HEAD, OPTIONS over plain http; https refused"
     )
 
     @field_validator("allow")
@@ -95,11 +103,12 @@ class RepoConfig(_Strict):
     network: RepoNetwork = RepoNetwork()
 
     def sandbox_network(self) -> ProxyNetwork:
-        """The sandbox's network: the egress proxy with the registries plus `network.allow`."""
+        """The sandbox's network: the egress proxy with the registries plus `network.allow`,
+        read-only when `network.read_only` says so."""
         from forgehand.sandbox.egress.config import DEFAULT_ALLOW
 
         hosts = dict.fromkeys([*(rule.host for rule in DEFAULT_ALLOW), *self.network.allow])
-        return ProxyNetwork(allow_hosts=tuple(hosts))
+        return ProxyNetwork(allow_hosts=tuple(hosts), read_only_methods=self.network.read_only)
 
     @property
     def all_protected(self) -> tuple[str, ...]:

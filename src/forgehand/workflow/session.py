@@ -124,13 +124,12 @@ async def run_setup(session: Session, commands: Sequence[str]) -> list[dict[str,
     for command in commands:
         ok, output = await session.run_script(command, SETUP_TIMEOUT_S)
         if not ok:
-            denied = await asyncio.to_thread(session.space.denied_hosts)
+            denied = await asyncio.to_thread(session.space.denials)
             if denied:
                 raise RunEnded(
                     Outcome.BLOCKED_NETWORK,
                     f"the setup command `{command}` failed after the sandbox was refused "
-                    f"network access to {', '.join(denied)}: if the project needs them, add "
-                    "them to `network.allow` in .forgehand/config.yml",
+                    f"network access to {', '.join(denied)}: {_network_remedy(denied)}",
                     output=output[-3000:],
                 )
             raise RunEnded(
@@ -140,6 +139,19 @@ async def run_setup(session: Session, commands: Sequence[str]) -> list[dict[str,
             )
         done.append({"command": command, "ok": ok})
     return done
+
+
+def _network_remedy(denied: dict[str, str]) -> str:
+    """What to change in .forgehand/config.yml, given each refused host's reason."""
+    from forgehand.sandbox.egress.policy import READ_ONLY_REFUSAL
+
+    if any(reason.startswith(READ_ONLY_REFUSAL) for reason in denied.values()):
+        return (
+            "the network is read-only (`network.read_only: true` in .forgehand/config.yml "
+            "lets only GET, HEAD and OPTIONS through, over plain http, so https is refused): "
+            "turn it off if the setup needs https or uploads"
+        )
+    return "if the project needs them, add them to `network.allow` in .forgehand/config.yml"
 
 
 async def commit_in_sandbox(session: Session, message: str, trailers: list[str]) -> str | None:

@@ -13,6 +13,8 @@ from forgehand.sandbox.egress.errors import RequestRefused
 from forgehand.sandbox.egress.httpwire import Target
 
 READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+READ_ONLY_REFUSAL = "the network is read-only"
+"""How the reason of every read-only refusal begins (callers tell them apart by it)."""
 _NEVER = (
     "The proxy never connects to private, loopback, link-local, multicast, reserved or "
     "metadata addresses; an operator can trust an internal mirror's network "
@@ -31,10 +33,10 @@ def check_method(config: EgressConfig, method: str) -> None:
     if not config.read_only or method in READ_ONLY_METHODS:
         return
     if method == "CONNECT":
-        reason = "the network is read-only and CONNECT (https) is refused in read-only mode"
+        reason = f"{READ_ONLY_REFUSAL} and CONNECT (https) is refused in read-only mode"
         remedy = "Methods inside TLS cannot be seen, so use plain http:// or turn read-only off."
     else:
-        reason = f"the network is read-only and {method} is not GET, HEAD or OPTIONS"
+        reason = f"{READ_ONLY_REFUSAL} and {method} is not GET, HEAD or OPTIONS"
         remedy = "Only GET, HEAD and OPTIONS are allowed; turn read-only mode off to send more."
     raise _deny(reason, remedy)
 

@@ -1,0 +1,198 @@
+"""``root: dir`` on every backend: the sandbox sees the given root's programs and files,
+never the host's /usr, while the runner brings its own userland (``sandbox.layout``).
+
+The root is built here from a few host programs and their libraries, laid out the way an
+older distribution is (real /bin, /lib, /lib64, no merged /usr) and with no Python at all,
+so the runner cannot be leaning on it."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sandbox_support import backend_params, build_tiny_root
+
+from forgehand.runner.model import RunSpec
+from forgehand.sandbox.backend import Sandbox, SandboxBackend
+from forgehand.sandbox.bwrap_backend import BwrapBackend, BwrapBackendConfig
+from forgehand.sandbox.errors import SandboxLaunchError
+from forgehand.sandbox.gvisor import GVisorBackend, GVisorConfig
+from forgehand.sandbox.layout import custom_root, elf_interpreter, runner_userland
+from forgehand.sandbox.podman import PodmanBackend, PodmanConfig
+from forgehand.sandbox.runs import run_spec
+from forgehand.sandbox.spec import SandboxSpec
+
+Make = Callable[[Path], SandboxBackend]
+BACKENDS = backend_params(
+    [
+        ("bwrap", lambda state: BwrapBackend(BwrapBackendConfig(state_dir=state))),
+        ("gvisor", lambda state: GVisorBackend(GVisorConfig(state_dir=state))),
+        ("podman", lambda state: PodmanBackend(PodmanConfig(state_dir=state))),
+    ]
+)
+ISOLATION = {"bwrap": "process", "gvisor": "kernel", "podman": "container"}
+
+
+@pytest.fixture(scope="module")
+def tiny_root() -> Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="fh-root-", dir="/tmp"))
+    base.chmod(0o755)
+    build_tiny_root(base / "root")
+    yield base / "root"
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="fh-croot-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def make_spec(base: Path, root: Path, name: str, **fields: Any) -> SandboxSpec:
+    return SandboxSpec.model_validate(
+        {
+            "work_dir": {"host_path": str(base / "work")},
+            "root": {"type": "dir", "path": str(root)},
+            "isolation": ISOLATION[name],
+            "limits": {"memory_bytes": "512M", "wall_time_seconds": 120},
+            **fields,
+        }
+    )
+
+
+@pytest.fixture(params=BACKENDS)
+async def sandbox(
+    request: pytest.FixtureRequest, base: Path, tiny_root: Path
+) -> AsyncIterator[tuple[Sandbox, SandboxSpec]]:
+    backend: SandboxBackend = request.param(base / "state")
+    name = request.node.callspec.id
+    spec = make_spec(base, tiny_root, name)
+    async with backend.create(spec) as box:
+        yield box, spec
+
+
+async def sh(box: tuple[Sandbox, SandboxSpec], script: str) -> tuple[int, str, str]:
+    sandbox, spec = box
+    result = await sandbox.client.run(run_spec(spec, ["/bin/sh", "-c", script]))
+    return result.exit.code, result.stdout.decode(), result.stderr.decode()
+
+
+async def test_runs_see_the_root_and_not_the_host(sandbox: tuple[Sandbox, SandboxSpec]) -> None:
+    code, out, err = await sh(
+        sandbox,
+        "cat /etc/os-release; cat /opt/tool/VERSION; ls /opt; ls /bin; "
+        "test -e /usr/bin/python3 && echo HOST-PYTHON; test -e /etc/a-fifo && echo FIFO; :",
+    )
+    assert code == 0, err
+    assert "ID=tiny" in out
+    assert "tool 1.0" in out
+    assert "HOST-PYTHON" not in out
+    assert "FIFO" not in out
+    assert "dash" in out.split()
+    assert "python3" not in out
+
+
+async def test_the_sandbox_keeps_its_own_accounts_and_mounts(
+    sandbox: tuple[Sandbox, SandboxSpec],
+) -> None:
+    code, out, err = await sh(
+        sandbox, "id -un; cat /etc/passwd; ls /opt/forgehand; ls -l /etc/mtab; pwd"
+    )
+    assert code == 0, err
+    assert "intruder" not in out  # the generated accounts, not the root's
+    assert out.splitlines()[0] == "sandbox"
+    assert "decoy" not in out  # /opt/forgehand is the runner's
+    assert "/proc/self/mounts" in out  # still a symlink, resolved inside the sandbox
+    assert out.strip().endswith("/work")
+
+
+async def test_the_root_is_read_only_and_the_work_dir_writable(
+    sandbox: tuple[Sandbox, SandboxSpec],
+) -> None:
+    code, out, _ = await sh(
+        sandbox, "touch /bin/new 2>/dev/null && echo ROOT-WRITABLE; touch made && ls"
+    )
+    assert code == 0
+    assert "ROOT-WRITABLE" not in out
+    assert "made" in out
+
+
+async def test_a_typed_step_runs_on_the_runners_own_python(
+    sandbox: tuple[Sandbox, SandboxSpec],
+) -> None:
+    """The step engine is Python; the root has none, so it runs on the runner's userland."""
+    box, spec = sandbox
+    step = RunSpec(
+        step="builtin://run",
+        step_inputs={"command": "cat /etc/os-release"},
+        cwd=str(spec.work_dir.sandbox_path),
+    )
+    result = await box.client.run(step)
+    assert result.step_result is not None, result.stderr
+    assert result.step_result["status"] == "succeeded", result.step_result
+
+
+@pytest.mark.parametrize("make", BACKENDS)
+async def test_the_egress_forwarder_starts_in_a_custom_root(
+    make: Make, base: Path, tiny_root: Path
+) -> None:
+    name = {"BwrapBackend": "bwrap", "GVisorBackend": "gvisor", "PodmanBackend": "podman"}[
+        type(make(base / "state")).__name__
+    ]
+    spec = make_spec(base, tiny_root, name, network={"mode": "proxy", "allow_hosts": ["pypi.org"]})
+    async with make(base / "state").create(spec) as box:
+        result = await box.client.run(run_spec(spec, ["/bin/sh", "-c", "echo $HTTPS_PROXY"]))
+    assert result.stdout.decode().startswith("http://127.0.0.1:3128")
+
+
+@pytest.mark.parametrize("make", BACKENDS)
+async def test_a_work_dir_the_root_cannot_hold_is_refused_before_anything_starts(
+    make: Make, base: Path, tiny_root: Path
+) -> None:
+    name = {"BwrapBackend": "bwrap", "GVisorBackend": "gvisor", "PodmanBackend": "podman"}[
+        type(make(base / "state")).__name__
+    ]
+    spec = make_spec(base, tiny_root, name)
+    spec = spec.model_copy(
+        update={"work_dir": spec.work_dir.model_copy(update={"sandbox_path": Path("/opt/tool/w")})}
+    )
+    with pytest.raises(SandboxLaunchError, match="/opt/tool/w lies in the root's /opt/tool"):
+        async with make(base / "state").create(spec):
+            pass
+
+
+def test_the_layout_lists_entries_as_the_sandbox_shows_them(tiny_root: Path) -> None:
+    spec = SandboxSpec.model_validate(
+        {"work_dir": {"host_path": "/tmp/w"}, "root": {"type": "dir", "path": str(tiny_root)}}
+    )
+    layout = custom_root(spec)
+    assert layout is not None
+    targets = {str(b.target) for b in layout.binds}
+    assert {"/bin", "/lib", "/lib64", "/opt/tool"} <= targets
+    assert "/work" not in targets  # the work dir covers it
+    assert not any(t.startswith(("/etc", "/proc", "/opt/forgehand")) for t in targets)
+    etc = {str(getattr(e, "target", getattr(e, "path", ""))) for e in layout.etc}
+    assert "/etc/os-release" in etc
+    assert "/etc/mtab" in etc
+    assert "/etc/passwd" not in etc
+    assert "/etc/a-fifo" not in etc
+
+
+def test_the_runner_userland_is_the_hosts_interpreter_through_its_own_loader() -> None:
+    import sys
+
+    venv = Path(sys.prefix)
+    userland = runner_userland(venv, Path(__file__).parents[2] / "src")
+    loader = elf_interpreter(Path(sys.executable).resolve())
+    assert str(userland.loader).startswith("/opt/forgehand/host/")
+    assert str(userland.loader).endswith(Path(loader).name)
+    argv = userland.python_m()
+    assert argv[:2] == [str(userland.loader), "--inhibit-cache"]
+    assert "-I" in argv
+    assert "-S" in argv
