@@ -4,10 +4,12 @@ process's PSS, and a tiny root filesystem (``build_tiny_root``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -111,3 +113,19 @@ def _libraries(program: str) -> list[Path]:
         if path.startswith("/"):
             found.append(Path(os.path.realpath(path)).with_name(Path(path).name))
     return found
+
+
+@contextlib.contextmanager
+def tiny_image(name: str) -> Iterator[str]:
+    """``build_tiny_root`` as the local podman image ``name`` (``podman import``: nothing
+    is pulled), removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="fh-image-", dir="/tmp") as scratch:
+        build_tiny_root(Path(scratch) / "root")
+        archive = subprocess.run(
+            ["tar", "-C", f"{scratch}/root", "-c", "."], capture_output=True, check=True
+        ).stdout
+    subprocess.run(["podman", "import", "-", name], input=archive, capture_output=True, check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["podman", "rmi", "--force", name], capture_output=True, check=False)

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sandbox_support import backend_params
+from sandbox_support import backend_params, tiny_image
 
-from forgehand.sandbox import bwrap, bwrap_backend, cgroups, procs, rootfs
+from forgehand.sandbox import bwrap, bwrap_backend, cgroups, images, procs, rootfs
 from forgehand.sandbox.backend import SandboxBackend
 from forgehand.sandbox.bwrap_backend import BwrapBackend, BwrapBackendConfig
 from forgehand.sandbox.gvisor import GVisorBackend, GVisorConfig
@@ -62,6 +62,17 @@ def _mounts_below(path: Path) -> list[str]:
     return [line.split()[1] for line in mounts if line.split()[1].startswith(f"{path}/")]
 
 
+def _step_name(first: Any, args: tuple[Any, ...]) -> str:
+    """A function's name, a host command's argv, or podman's arguments."""
+    if isinstance(first, str):
+        return f"{first} {' '.join(map(str, args[:2]))}"
+    return getattr(first, "__qualname__", None) or " ".join(first[:2])
+
+
+def _podman_mounted() -> str:
+    return subprocess.run(["podman", "image", "mount"], capture_output=True, text=True).stdout
+
+
 def _groups() -> set[Path]:
     found = set()
     for hierarchy in cgroups.detect_hierarchies().values():
@@ -83,11 +94,12 @@ class CancelAfter:
         monkeypatch.setattr(asyncio, "to_thread", wrap(asyncio.to_thread))
         for module in (rootfs, bwrap, bwrap_backend):
             monkeypatch.setattr(module, "run_host", wrap(module.run_host))
+        monkeypatch.setattr(images, "_podman", wrap(images._podman))
 
     def _wrap(self, real: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def step(first: Any, *args: Any, **kwargs: Any) -> Any:
             result = await real(first, *args, **kwargs)
-            self.steps.append(getattr(first, "__qualname__", None) or " ".join(first[:2]))
+            self.steps.append(_step_name(first, args))
             if self.armed and len(self.steps) == self.nth:
                 raise asyncio.CancelledError
             return result
@@ -95,12 +107,31 @@ class CancelAfter:
         return step
 
 
-@pytest.mark.parametrize("network", ["none", "proxy"])
+IMAGE = "localhost/forgehand-test-cancel-root:1"
+
+
+@pytest.fixture(scope="module")
+def image() -> Iterator[str]:
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed: root: image needs its local store")
+    with tiny_image(IMAGE) as name:
+        yield name
+
+
+@pytest.mark.parametrize(
+    ("network", "root"), [("none", "host"), ("proxy", "host"), ("none", "image")]
+)
 @pytest.mark.parametrize("make", BACKENDS)
 async def test_a_start_cancelled_after_any_step_leaves_nothing_behind(
-    base: Path, make: Make, network: str, monkeypatch: pytest.MonkeyPatch
+    base: Path,
+    make: Make,
+    network: str,
+    root: str,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
-    """With ``network: proxy`` the start also runs the egress proxy and its forwarder."""
+    """With ``network: proxy`` the start also runs the egress proxy and its forwarder;
+    with ``root: image`` it mounts an image (and gives podman's mount back)."""
     name = make(base / "state").name
     groups_before = _groups()
     for nth in range(1, MAX_STEPS):
@@ -111,6 +142,8 @@ async def test_a_start_cancelled_after_any_step_leaves_nothing_behind(
         fields = {"work_dir": work, "limits": limits, "isolation": ISOLATION[name]}
         if network == "proxy":
             fields["network"] = {"mode": "proxy", "allow_hosts": ["pypi.org"]}
+        if root == "image":
+            fields["root"] = {"type": "image", "name": request.getfixturevalue("image")}
         spec = SandboxSpec.model_validate(fields)
         with monkeypatch.context() as patch:
             cut = CancelAfter(nth, patch)
@@ -129,4 +162,6 @@ async def test_a_start_cancelled_after_any_step_leaves_nothing_behind(
         assert not state.exists() or list(state.rglob("*")) == [], where
         assert [p for p in procs.snapshot() if str(base) in procs.cmdline(p)] == [], where
         assert _groups() <= groups_before, where
+        if root == "image":
+            assert IMAGE not in _podman_mounted(), f"{where}: {cut.steps}"
     pytest.fail(f"{name}: no start completed within {MAX_STEPS} steps")

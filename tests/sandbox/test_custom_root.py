@@ -1,13 +1,16 @@
-"""``root: dir`` on every backend: the sandbox sees the given root's programs and files,
-never the host's /usr, while the runner brings its own userland (``sandbox.layout``).
+"""``root: dir`` and ``root: image`` on every backend: the sandbox sees the given root's
+programs and files, never the host's /usr, while the runner brings its own userland
+(``sandbox.layout``); an image comes from podman's local store (``sandbox.images``).
 
 The root is built here from a few host programs and their libraries, laid out the way an
 older distribution is (real /bin, /lib, /lib64, no merged /usr) and with no Python at all,
-so the runner cannot be leaning on it."""
+so the runner cannot be leaning on it. The image is that root, imported into podman."""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import Any
 
 import pytest
 from sandbox_support import backend_params, build_tiny_root
+from sandbox_support import tiny_image as import_tiny_image
 
 from forgehand.runner.model import RunSpec
 from forgehand.sandbox.backend import Sandbox, SandboxBackend
@@ -46,6 +50,31 @@ def tiny_root() -> Iterator[Path]:
     shutil.rmtree(base, ignore_errors=True)
 
 
+IMAGE = "localhost/forgehand-test-tiny-root:1"
+
+
+@pytest.fixture(scope="module")
+def tiny_image() -> Iterator[str]:
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed: root: image needs its local store")
+    with import_tiny_image(IMAGE) as name:
+        yield name
+
+
+@pytest.fixture(params=["dir", "image"])
+def root(request: pytest.FixtureRequest, tiny_root: Path) -> dict[str, str]:
+    """The tiny root as ``root: dir``, or as ``root: image``."""
+    if request.param == "dir":
+        return {"type": "dir", "path": str(tiny_root)}
+    return {"type": "image", "name": request.getfixturevalue("tiny_image")}
+
+
+def podman_mounted_images() -> str:
+    """What podman has mounted (``podman image mount`` without a name lists it)."""
+    listing = subprocess.run(["podman", "image", "mount"], capture_output=True, text=True)
+    return listing.stdout
+
+
 @pytest.fixture
 def base() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="fh-croot-", dir="/tmp"))
@@ -54,11 +83,12 @@ def base() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def make_spec(base: Path, root: Path, name: str, **fields: Any) -> SandboxSpec:
+def make_spec(base: Path, root: Path | dict[str, str], name: str, **fields: Any) -> SandboxSpec:
+    given = root if isinstance(root, dict) else {"type": "dir", "path": str(root)}
     return SandboxSpec.model_validate(
         {
             "work_dir": {"host_path": str(base / "work")},
-            "root": {"type": "dir", "path": str(root)},
+            "root": given,
             "isolation": ISOLATION[name],
             "limits": {"memory_bytes": "512M", "wall_time_seconds": 120},
             **fields,
@@ -68,13 +98,23 @@ def make_spec(base: Path, root: Path, name: str, **fields: Any) -> SandboxSpec:
 
 @pytest.fixture(params=BACKENDS)
 async def sandbox(
-    request: pytest.FixtureRequest, base: Path, tiny_root: Path
+    request: pytest.FixtureRequest, base: Path, root: dict[str, str]
 ) -> AsyncIterator[tuple[Sandbox, SandboxSpec]]:
     backend: SandboxBackend = request.param(base / "state")
-    name = request.node.callspec.id
-    spec = make_spec(base, tiny_root, name)
+    name = backend_name(backend)
+    spec = make_spec(base, root, name)
     async with backend.create(spec) as box:
         yield box, spec
+    leftovers = Path("/proc/self/mounts").read_text().splitlines()
+    assert not [m for m in leftovers if f" {base}/" in m], "a mount outlived the sandbox"
+    if root["type"] == "image":
+        assert root["name"] not in podman_mounted_images()  # podman's own mount released
+
+
+def backend_name(backend: SandboxBackend) -> str:
+    return {"BwrapBackend": "bwrap", "GVisorBackend": "gvisor", "PodmanBackend": "podman"}[
+        type(backend).__name__
+    ]
 
 
 async def sh(box: tuple[Sandbox, SandboxSpec], script: str) -> tuple[int, str, str]:
@@ -142,9 +182,7 @@ async def test_a_typed_step_runs_on_the_runners_own_python(
 async def test_the_egress_forwarder_starts_in_a_custom_root(
     make: Make, base: Path, tiny_root: Path
 ) -> None:
-    name = {"BwrapBackend": "bwrap", "GVisorBackend": "gvisor", "PodmanBackend": "podman"}[
-        type(make(base / "state")).__name__
-    ]
+    name = backend_name(make(base / "state"))
     spec = make_spec(base, tiny_root, name, network={"mode": "proxy", "allow_hosts": ["pypi.org"]})
     async with make(base / "state").create(spec) as box:
         result = await box.client.run(run_spec(spec, ["/bin/sh", "-c", "echo $HTTPS_PROXY"]))
@@ -155,9 +193,7 @@ async def test_the_egress_forwarder_starts_in_a_custom_root(
 async def test_a_work_dir_the_root_cannot_hold_is_refused_before_anything_starts(
     make: Make, base: Path, tiny_root: Path
 ) -> None:
-    name = {"BwrapBackend": "bwrap", "GVisorBackend": "gvisor", "PodmanBackend": "podman"}[
-        type(make(base / "state")).__name__
-    ]
+    name = backend_name(make(base / "state"))
     spec = make_spec(base, tiny_root, name)
     spec = spec.model_copy(
         update={"work_dir": spec.work_dir.model_copy(update={"sandbox_path": Path("/opt/tool/w")})}
@@ -196,3 +232,49 @@ def test_the_runner_userland_is_the_hosts_interpreter_through_its_own_loader() -
     assert argv[:2] == [str(userland.loader), "--inhibit-cache"]
     assert "-I" in argv
     assert "-S" in argv
+
+
+@pytest.mark.parametrize("make", BACKENDS)
+async def test_an_image_not_in_the_local_store_is_refused_and_never_pulled(
+    make: Make, base: Path
+) -> None:
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed")
+    backend = make(base / "state")
+    root = {"type": "image", "name": "localhost/forgehand-test-no-such-image:1"}
+    spec = make_spec(base, root, backend_name(backend))
+    with pytest.raises(SandboxLaunchError, match="never pulls"):
+        async with backend.create(spec):
+            pass
+    assert await backend.list_sandboxes() == []
+
+
+CRASHING_OWNER = """
+import asyncio, os, sys
+from pathlib import Path
+from forgehand.sandbox.bwrap_backend import BwrapBackend, BwrapBackendConfig
+from forgehand.sandbox.spec import SandboxSpec
+
+async def main():
+    spec = SandboxSpec.model_validate(
+        {"work_dir": {"host_path": sys.argv[1]}, "root": {"type": "image", "name": sys.argv[3]}}
+    )
+    backend = BwrapBackend(BwrapBackendConfig(state_dir=Path(sys.argv[2])))
+    await backend.create(spec).__aenter__()
+    os._exit(0)  # the owner is gone: the sandbox and its image bind are leftovers
+
+asyncio.run(main())
+"""
+
+
+async def test_gc_detaches_the_image_a_crashed_owner_left(base: Path, tiny_image: str) -> None:
+    state = base / "state"
+    owner = [sys.executable, "-c", CRASHING_OWNER, str(base / "work"), str(state), tiny_image]
+    subprocess.run(owner, check=True, timeout=120)
+    backend = BwrapBackend(BwrapBackendConfig(state_dir=state))
+    (leftover,) = await backend.list_sandboxes()
+    bound = backend.registry.directory(leftover.sandbox_id) / "image"
+    assert f" {bound} " in Path("/proc/self/mounts").read_text()
+    await backend.reap()
+    assert f" {bound} " not in Path("/proc/self/mounts").read_text()
+    assert await backend.list_sandboxes() == []

@@ -227,6 +227,8 @@ def test_read_only_network_refuses_all_but_get() -> None:
         (("--cpus", "inf"), b"not a number of cores"),
         (("--output-limit", "lots"), b"limits.output_bytes"),
         (("--rootfs", "/nonexistent/fh-root"), b"--rootfs /nonexistent/fh-root: no such"),
+        (("--rootfs", "/", "--image", "debian:12"), b"--rootfs or --image, not both"),
+        (("--image=-v",), b"root.image.name"),
     ],
 )
 def test_bad_run_options_are_usage_errors(options: tuple[str, ...], message: bytes) -> None:
@@ -244,6 +246,12 @@ def test_rootfs_runs_the_command_on_that_roots_programs() -> None:
         lines = done.stdout.decode().splitlines()
         assert "ID=tiny" in lines
         assert lines[-1] == "no-python"
+
+
+def test_an_image_that_is_not_here_is_never_pulled() -> None:
+    done = forgehand(*RUN, "--image", "localhost/forgehand-test-absent:1", "--", "true")
+    assert done.returncode != 0
+    assert b"never pulls" in done.stderr, done.stderr
 
 
 ROOT_PROBE = "cat /etc/os-release; test -e /usr/bin/python3 || echo no-python"

@@ -47,6 +47,9 @@ def test_spec_is_frozen() -> None:
         ({"limits": {"cpu_cores": "inf"}}, "cpu_cores"),
         ({"limits": {"wall_time_seconds": float("nan")}}, "wall_time_seconds"),
         ({"root": {"type": "dir", "path": "relative/root"}}, "path"),
+        ({"root": {"type": "image", "name": "--privileged"}}, "name"),
+        ({"root": {"type": "image", "name": "debian 12"}}, "name"),
+        ({"root": {"type": "image"}}, "name"),
         ({"ro_mounts": [{"source": "relative/dir"}]}, "source"),
         ({"ro_mounts": [{"source": "/opt/../root"}]}, "source"),
         ({"ro_mounts": [{"source": "/opt", "target": "/proc/x"}]}, "target"),
@@ -87,3 +90,11 @@ def test_proxy_read_only_methods_is_off_by_default_and_strict() -> None:
         _spec(network={**proxy, "read_only_methods": "sometimes"})
     with pytest.raises(ValidationError, match="read_only_methods"):
         _spec(network={"mode": "none", "read_only_methods": True})
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["debian:12", "localhost/app:1", "registry.example.org:5000/team/app@sha256:" + "a" * 64],
+)
+def test_image_roots_take_image_names(name: str) -> None:
+    assert _spec(root={"type": "image", "name": name}).root.type == "image"

@@ -9,7 +9,8 @@ ends the whole sandbox (gVisor on out-of-memory or pids).
 Nothing of the caller's environment goes in but what ``--env`` names (``NAME=VALUE``, or
 ``NAME`` for the caller's own value); ``--mount SRC[:DST]`` adds host paths read-only;
 ``--stdin`` forwards the caller's stdin to the command; ``--rootfs DIR`` runs it on
-that root's programs instead of the host's (``forgehand.sandbox.layout``).
+that root's programs instead of the host's (``forgehand.sandbox.layout``), ``--image
+NAME`` on those of a container image in podman's local store (never pulled).
 ``--read-only-network`` makes the egress proxy (``--network proxy``) let only GET, HEAD
 and OPTIONS through, over plain http.
 Bad values exit 2 with what is wrong ("invalid sandbox options" names the field).
@@ -120,6 +121,12 @@ def _more_run_options(parser: argparse.ArgumentParser) -> None:
         help="a root filesystem directory (an unpacked image) instead of the host's /usr; "
         "the command runs on its programs, read-only",
     )
+    parser.add_argument(
+        "--image",
+        metavar="NAME",
+        help="like --rootfs, from a container image already in podman's local store "
+        "(never pulled), e.g. localhost/app:1",
+    )
 
 
 def _cores(text: str) -> float:
@@ -157,13 +164,18 @@ def build_spec(args: argparse.Namespace, work_dir: Path) -> SandboxSpec:
             "isolation": args.isolation,
             "env": _environment(args.env),
             "ro_mounts": [_mount(item) for item in args.mount],
-            "root": _root(args.rootfs),
+            "root": _root(args.rootfs, args.image),
         }
     )
 
 
-def _root(rootfs: str | None) -> dict[str, str]:
-    """``--rootfs DIR`` (relative to the current directory), which must be a directory."""
+def _root(rootfs: str | None, image: str | None) -> dict[str, str]:
+    """``--rootfs DIR`` (relative to the current directory; it must be a directory) or
+    ``--image NAME``; the host's by default."""
+    if rootfs is not None and image is not None:
+        raise _UsageError("give --rootfs or --image, not both")
+    if image is not None:
+        return {"type": "image", "name": image}
     if rootfs is None:
         return {"type": "host"}
     path = Path.cwd() / rootfs

@@ -37,7 +37,7 @@ from forgehand.sandbox.errors import (
     SandboxStateError,
 )
 from forgehand.sandbox.layout import HOST_TOP_DIRS, Bind, CustomRoot, Link, custom_root
-from forgehand.sandbox.spec import DirRoot, OpenNetwork, ProxyNetwork, SandboxSpec
+from forgehand.sandbox.spec import DirRoot, ImageRoot, OpenNetwork, ProxyNetwork, SandboxSpec
 
 PROVIDES_ISOLATION = frozenset({"process"})
 JOIN_FAILED_EXIT = 125
@@ -228,6 +228,11 @@ def _namespace_args(spec: SandboxSpec, identity: Identity) -> list[str]:
 
 
 def _root_args(spec: SandboxSpec, root: CustomRoot | None) -> list[str]:
+    if isinstance(spec.root, ImageRoot):
+        raise SandboxLaunchError(
+            "a bare BwrapSandbox takes root: host or dir: mount the image first "
+            "(images.as_dir_root), as the bwrap backend does"
+        )
     if isinstance(spec.root, DirRoot):
         if root is None:
             raise SandboxLaunchError("a root: dir sandbox needs its layout.custom_root")

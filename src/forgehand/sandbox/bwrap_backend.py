@@ -53,7 +53,7 @@ from forgehand.runner import errors as runner_errors
 from forgehand.runner.client import RunnerClient
 from forgehand.runner.keeper import KEEPER_COMM, PYTHON_M_VARIABLE
 from forgehand.runner.model import Exited, Output, RunResult, RunSpec
-from forgehand.sandbox import cgroups, rootfs, seccomp
+from forgehand.sandbox import cgroups, images, rootfs, seccomp
 from forgehand.sandbox.backend import Achieved, Availability, SandboxRecord, register_backend
 from forgehand.sandbox.bwrap import (
     EGRESS_SOCKET,
@@ -195,6 +195,7 @@ class BwrapRunnerSandbox:
         self._box: BwrapSandbox | None = None
         self._proxy: EgressProxy | None = None
         self._userland: RunnerUserland | None = None
+        self._layout_spec = spec
         self._runner: asyncio.subprocess.Process | None = None
         self._achieved: Achieved | None = None
         self._work_made = False
@@ -302,7 +303,8 @@ class BwrapRunnerSandbox:
         await self._make_sock_dir()
         if isinstance(self.spec.network, ProxyNetwork):
             await self._start_proxy(self.spec.network)
-        if isinstance(self.spec.root, DirRoot):
+        self._layout_spec = await images.as_dir_root(self.spec, self._dir)
+        if isinstance(self._layout_spec.root, DirRoot):
             venv, source = self.config.venv, self.config.package_root
             self._userland = await asyncio.to_thread(runner_userland, venv, source)
         await self._start_box()
@@ -334,7 +336,7 @@ class BwrapRunnerSandbox:
         )
 
     async def _start_box(self) -> None:
-        spec = self.spec
+        spec = self._layout_spec  # a root: image is a root: dir by now
         if self._proxy is not None and isinstance(spec.network, ProxyNetwork):
             network = spec.network.model_copy(update={"socket_path": self._proxy.socket_path})
             spec = spec.model_copy(update={"network": network})
@@ -543,6 +545,7 @@ class BwrapRunnerSandbox:
             self._client.close,
             self._close_box,
             self._unmount_sock_dir,
+            self._release_image,
             self._stop_proxy,
             self._remove_work_dir,
         ]
@@ -569,6 +572,9 @@ class BwrapRunnerSandbox:
         if self._sock_mounted:
             await rootfs.unmount_sock_dir(self._dir / "sock")
             self._sock_mounted = False
+
+    async def _release_image(self) -> None:
+        await asyncio.to_thread(images.release, self._dir)
 
     async def _close_box(self) -> None:
         if self._box is not None:
@@ -673,6 +679,7 @@ def _reap_entry(registry: Registry, entry: Entry) -> None:
     if entry.work_dir_made:
         with contextlib.suppress(FileNotFoundError):
             work.rmdir()
+    images.release(registry.directory(entry.sandbox_id))
     registry.remove(entry.sandbox_id)
 
 

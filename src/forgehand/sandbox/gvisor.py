@@ -82,7 +82,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from forgehand.runner import errors as runner_errors
 from forgehand.runner.client import RunnerClient
 from forgehand.runner.model import ExitReason, RunResult, RunSpec
-from forgehand.sandbox import cgroups, procs, readonly_views, rootfs
+from forgehand.sandbox import cgroups, images, procs, readonly_views, rootfs
 from forgehand.sandbox.backend import (
     ISOLATION_RANK,
     Achieved,
@@ -474,13 +474,14 @@ class GVisorSandbox(rootfs.ManagedSandbox):
             )
             self._channel = channel
             self._client = self._make_client()
-        self._sandbox_root = await rootfs.blocking(rootfs.SandboxRoot.for_spec, self.spec)
-        if self._sandbox_root.python_m != self._python_m:  # a custom root's runner userland
-            self._python_m = self._sandbox_root.python_m
-            self._client = self._make_client()
         self._work_made = not await rootfs.blocking(self.work_dir.exists)
         entry = own_entry(NAME, self._id, self.work_dir, self._work_made)
         await rootfs.blocking(self._registry.add, entry)
+        layout_spec = await images.as_dir_root(self.spec, self._dir)
+        self._sandbox_root = await rootfs.blocking(rootfs.SandboxRoot.for_spec, layout_spec)
+        if self._sandbox_root.python_m != self._python_m:  # a custom root's runner userland
+            self._python_m = self._sandbox_root.python_m
+            self._client = self._make_client()
         await self._make_cgroup()
         if self._channel == "socket":
             await self._mount_sock()
@@ -686,6 +687,7 @@ class GVisorSandbox(rootfs.ManagedSandbox):
             self._await_reaper,
             self._remove_cgroup,
             self._release_views,
+            self._release_image,
             self._unmount_sock,
             self._unmount_work,
             self._stop_proxy,
@@ -711,6 +713,9 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         if self._views:
             await rootfs.blocking(readonly_views.release_below, self._dir / VIEWS)
             self._views.clear()
+
+    async def _release_image(self) -> None:
+        await rootfs.blocking(images.release, self._dir)
 
     async def _stop_proxy(self) -> None:
         if self._proxy is not None:
@@ -754,6 +759,7 @@ async def reap_entry(config: GVisorConfig, registry: Registry, entry: Entry) -> 
     await rootfs.blocking(
         readonly_views.release_below, registry.directory(entry.sandbox_id) / VIEWS
     )
+    await rootfs.blocking(images.release, registry.directory(entry.sandbox_id))
     await rootfs.unmount_sock_dir(registry.directory(entry.sandbox_id) / "sock")
     await rootfs.unmount_work_dir(Path(entry.work_dir), entry.work_dir_made)
     await rootfs.blocking(registry.remove, entry.sandbox_id)

@@ -13,6 +13,7 @@ sandboxes or podman do with the image meanwhile. From there on the image is a ``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -39,15 +40,18 @@ async def as_dir_root(spec: SandboxSpec, directory: Path, podman: str = "podman"
 async def mount(directory: Path, name: str, podman: str = "podman") -> Path:
     """Bind the local image ``name`` read-only at ``directory/image``."""
     target = directory / IMAGE_DIR
-    merged = Path(await _podman(podman, "image", "mount", name))
+    binary = await asyncio.to_thread(find_podman, podman)  # missing: say so, unmount nothing
     try:
+        merged = Path(await _podman(binary, "image", "mount", name))
         if not merged.is_absolute():
             raise SandboxLaunchError(f"`podman image mount {name}` gave no path: {merged}")
         await rootfs.blocking(readonly_views.bind_read_only, merged, target)
     finally:
         # Our bind holds the image's file system now; podman's own mount is not needed.
-        # Even when cancelled: podman's mount count must not stay raised.
-        await rootfs.uncancellable(_podman_quietly(podman, "image", "unmount", name))
+        # Also when cancelled, even right after podman mounted: its count must not stay
+        # raised. (A cancel while `podman image mount` itself runs may find it had not
+        # mounted yet; the unmount then lowers a count another user of the image raised.)
+        await rootfs.uncancellable(_podman_quietly(binary, "image", "unmount", name))
     return target
 
 
@@ -69,9 +73,9 @@ def find_podman(podman: str = "podman") -> str:
     return found
 
 
-async def _podman(podman: str, *arguments: str) -> str:
-    """Run podman; its stdout (stripped), or SandboxLaunchError saying what to do."""
-    binary = await asyncio.to_thread(find_podman, podman)
+async def _podman(binary: str, *arguments: str) -> str:
+    """Run podman (``binary``, see ``find_podman``); its stdout (stripped), or
+    SandboxLaunchError saying what to do."""
     process = await asyncio.create_subprocess_exec(
         binary,
         *arguments,
@@ -101,8 +105,7 @@ async def _podman(podman: str, *arguments: str) -> str:
     return out.decode(errors="replace").strip()
 
 
-async def _podman_quietly(podman: str, *arguments: str) -> None:
-    try:
-        await _podman(podman, *arguments)
-    except (SandboxLaunchError, BackendUnavailable, OSError):
-        pass  # a podman mount left counted keeps the image mounted; nothing else is lost
+async def _podman_quietly(binary: str, *arguments: str) -> None:
+    # A podman mount left counted keeps the image mounted; nothing else is lost.
+    with contextlib.suppress(SandboxLaunchError, OSError):
+        await _podman(binary, *arguments)

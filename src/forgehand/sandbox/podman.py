@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from forgehand.runner import errors as runner_errors
 from forgehand.runner.client import RunnerClient
 from forgehand.runner.model import ExitReason, RunResult, RunSpec
-from forgehand.sandbox import cgroups, procs, rootfs
+from forgehand.sandbox import cgroups, images, procs, rootfs
 from forgehand.sandbox.backend import (
     ISOLATION_RANK,
     Achieved,
@@ -328,10 +328,11 @@ class PodmanSandbox(rootfs.ManagedSandbox):
     async def _launch(self) -> None:
         check_spec(self.spec)
         await rootfs.blocking(check_host, self.config)
-        self._sandbox_root = await rootfs.blocking(rootfs.SandboxRoot.for_spec, self.spec)
         self._work_made = not await rootfs.blocking(self.work_dir.exists)
         entry = own_entry(NAME, self._id, self.work_dir, self._work_made)
         await rootfs.blocking(self._registry.add, entry)
+        layout_spec = await images.as_dir_root(self.spec, self._dir, self.config.podman)
+        self._sandbox_root = await rootfs.blocking(rootfs.SandboxRoot.for_spec, layout_spec)
         await self._mount_sock()
         await self._mount_work()
         if isinstance(self.spec.network, ProxyNetwork):
@@ -501,11 +502,15 @@ class PodmanSandbox(rootfs.ManagedSandbox):
             self._client.transport.close,
             self._remove_container,
             self._await_reaper,
+            self._release_image,
             self._unmount_sock,
             self._unmount_work,
             self._stop_proxy,
         ]
         return await self._cleanup(steps)
+
+    async def _release_image(self) -> None:
+        await rootfs.blocking(images.release, self._dir)
 
     async def _remove_container(self) -> None:
         if self._started:
@@ -553,6 +558,7 @@ async def reap_entry(config: PodmanConfig, registry: Registry, entry: Entry) -> 
     """Remove what a dead owner left: the container, the socket and work dir mounts, the
     state dir."""
     await remove_container(config, entry.sandbox_id)
+    await rootfs.blocking(images.release, registry.directory(entry.sandbox_id))
     await rootfs.unmount_sock_dir(registry.directory(entry.sandbox_id) / "sock")
     await rootfs.unmount_work_dir(Path(entry.work_dir), entry.work_dir_made)
     await rootfs.blocking(registry.remove, entry.sandbox_id)

@@ -27,6 +27,7 @@ _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HOST_RE = re.compile(
     r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 )
+_IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")
 _RESERVED_TARGETS = (PurePosixPath("/proc"), PurePosixPath("/dev"), PurePosixPath("/sys"))
 
 
@@ -68,12 +69,33 @@ class HostRoot(_Strict):
 
 
 class DirRoot(_Strict):
-    """A prepared root filesystem directory, mounted read-only as the sandbox's /."""
+    """A root filesystem directory (an unpacked image): its entries make the sandbox's /,
+    read-only; the runner brings its own interpreter (``forgehand.sandbox.layout``)."""
 
     type: Literal["dir"] = "dir"
     """Use a root filesystem directory."""
     path: AbsolutePath
     """Host path of the root filesystem directory."""
+
+
+class ImageRoot(_Strict):
+    """A container image already in this machine's podman store (never pulled), read-only
+    (``forgehand.sandbox.images``)."""
+
+    type: Literal["image"] = "image"
+    """Use a local container image."""
+    name: str
+    """The image's name or id, as podman knows it: ``localhost/app:1``, ``debian:12``."""
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        if not _IMAGE_RE.match(name):
+            raise ValueError(
+                f"{name!r} is not an image name such as 'debian:12' or 'localhost/app:1' "
+                "(letters, digits and . _ - / : @, not starting with - or .)"
+            )
+        return name
 
 
 class WorkDir(_Strict):
@@ -175,7 +197,7 @@ class OpenNetwork(_Strict):
 
 NetworkPolicy = Annotated[NoNetwork | ProxyNetwork | OpenNetwork, Field(discriminator="mode")]
 IsolationLevel = Literal["process", "kernel", "container"]
-RootFs = Annotated[HostRoot | DirRoot, Field(discriminator="type")]
+RootFs = Annotated[HostRoot | DirRoot | ImageRoot, Field(discriminator="type")]
 
 
 class SandboxSpec(_Strict):
@@ -184,7 +206,8 @@ class SandboxSpec(_Strict):
     work_dir: WorkDir
     """The writable, size-capped work directory."""
     root: RootFs = HostRoot()
-    """Root filesystem: the host's, read-only (default), or a rootfs directory."""
+    """Root filesystem, read-only: the host's (default), a rootfs directory, or a local
+    container image."""
     ro_mounts: tuple[ReadOnlyMount, ...] = ()
     """Extra host paths mounted read-only (interpreters, caches)."""
     env: dict[str, str] = Field(default_factory=dict)
