@@ -278,3 +278,49 @@ async def test_gc_detaches_the_image_a_crashed_owner_left(base: Path, tiny_image
     await backend.reap()
     assert f" {bound} " not in Path("/proc/self/mounts").read_text()
     assert await backend.list_sandboxes() == []
+
+
+def test_a_root_whose_etc_or_opt_leads_out_of_it_brings_nothing_of_the_host(
+    base: Path, tiny_root: Path
+) -> None:
+    """An image with ``etc -> /etc`` (or ``opt -> /root``) names host paths: followed on the
+    host, it would bind the host's own files into the sandbox."""
+    host_secrets = base / "host-secrets"
+    host_secrets.mkdir()
+    (host_secrets / "shadow").write_text("root:$6$secret\n")
+    root = base / "evil-root"
+    shutil.copytree(tiny_root, root, symlinks=True, ignore=shutil.ignore_patterns("a-fifo"))
+    shutil.rmtree(root / "etc")
+    shutil.rmtree(root / "opt")
+    (root / "etc").symlink_to(host_secrets)
+    (root / "opt").symlink_to(host_secrets)
+    (root / "odd:name,ro").mkdir()
+    spec = make_spec(base, root, "bwrap")
+    layout = custom_root(spec)
+    assert layout is not None
+    assert layout.etc == ()
+    shown = [str(e.target) for e in layout.binds] + [str(e.path) for e in layout.links]
+    assert not any(t.startswith(("/etc", "/opt")) for t in shown)
+    assert "/odd:name,ro" not in shown
+
+
+@pytest.mark.parametrize("make", BACKENDS)
+async def test_a_root_whose_etc_leads_out_of_it_shows_only_generated_files(
+    make: Make, base: Path, tiny_root: Path
+) -> None:
+    host_secrets = base / "host-secrets"
+    host_secrets.mkdir(mode=0o755)
+    (host_secrets / "shadow").write_text("root:$6$secret\n")
+    (host_secrets / "shadow").chmod(0o644)
+    root = base / "evil-root"
+    shutil.copytree(tiny_root, root, symlinks=True, ignore=shutil.ignore_patterns("a-fifo"))
+    shutil.rmtree(root / "etc")
+    (root / "etc").symlink_to(host_secrets)
+    backend = make(base / "state")
+    spec = make_spec(base, root, backend_name(backend))
+    async with backend.create(spec) as box:
+        result = await box.client.run(run_spec(spec, ["/bin/ls", "/etc"]))
+    assert result.exit.code == 0, result.stderr
+    shown = set(result.stdout.decode().split())
+    assert "shadow" not in shown
+    assert {"passwd", "group", "hosts"} <= shown  # the generated ones

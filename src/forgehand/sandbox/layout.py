@@ -25,6 +25,7 @@ exposes nothing new: a default sandbox sees the host's /usr at /usr.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import sys
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ OWN_TOP = frozenset({"proc", "dev", "sys", "tmp", "run"})
 GENERATED_ETC = frozenset({"passwd", "group", "hosts", "hostname", "resolv.conf"})
 """/etc files every sandbox gets from forgehand, never from the root or the host."""
 PT_INTERP = 3
+_SAFE_NAME = re.compile(r"^[^:,\x00-\x1f\x7f]+$")
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,15 @@ def custom_root(spec: SandboxSpec) -> CustomRoot | None:
 def _entries(
     directory: Path, inside: PurePosixPath, skip: set[str] | frozenset[str]
 ) -> list[Bind | Link]:
-    """``directory``'s entries, to appear in ``inside``. Special files (devices, sockets,
-    fifos) are left out: a root brings programs and data."""
+    """``directory``'s entries, to appear in ``inside``. Left out: special files (devices,
+    sockets, fifos), since a root brings programs and data; names with a character mount
+    options give a meaning (``:``, ``,``) or a control character; and a root's ``etc`` or
+    ``opt`` that is a symlink, not listed at all: on the host it would lead out of the root
+    (an image with ``etc -> /etc`` must not bring the host's /etc in), so the sandbox gets
+    only its own generated /etc files and the runner's /opt."""
     found: list[Bind | Link] = []
+    if inside != PurePosixPath("/") and directory.is_symlink():
+        return found
     try:
         names = sorted(os.listdir(directory))
     except FileNotFoundError:
@@ -108,7 +116,7 @@ def _entries(
     except OSError as exc:
         raise SandboxLaunchError(f"cannot list the root's {inside} ({directory}): {exc}") from None
     for name in names:
-        if name in skip:
+        if name in skip or not _SAFE_NAME.match(name):
             continue
         path = directory / name
         target = inside / name
