@@ -83,7 +83,8 @@ PROGRAMS = ("/bin/dash", "/usr/bin/cat", "/usr/bin/ls", "/usr/bin/id", "/usr/bin
 
 
 def build_tiny_root(root: Path) -> None:
-    """A root with dash as /bin/sh, a few coreutils and their libraries, an os-release,
+    """A root with dash as /bin/sh, a few coreutils (one of them setuid root, ``suid-id``)
+    and their libraries, an os-release,
     accounts of its own (which the sandbox must replace), a symlink to /proc in /etc (which
     must stay a symlink, never the host's file), an /opt tool and a decoy /opt/forgehand."""
     for directory in ("bin", "lib", "lib64", "etc", "opt/tool", "opt/forgehand", "work"):
@@ -103,6 +104,8 @@ def build_tiny_root(root: Path) -> None:
     for path in (root, *root.rglob("*")):
         if not path.is_symlink():
             path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+    shutil.copy2(root / "bin" / "id", root / "bin" / "suid-id")
+    (root / "bin" / "suid-id").chmod(0o4755)  # setuid root, as an image may ship one
 
 
 def _libraries(program: str) -> list[Path]:

@@ -21,6 +21,7 @@ from sandbox_support import backend_params, build_tiny_root
 from sandbox_support import tiny_image as import_tiny_image
 
 from forgehand.runner.model import RunSpec
+from forgehand.sandbox import rootfs
 from forgehand.sandbox.backend import Sandbox, SandboxBackend
 from forgehand.sandbox.bwrap_backend import BwrapBackend, BwrapBackendConfig
 from forgehand.sandbox.errors import SandboxLaunchError
@@ -161,6 +162,15 @@ async def test_the_root_is_read_only_and_the_work_dir_writable(
     assert code == 0
     assert "ROOT-WRITABLE" not in out
     assert "made" in out
+
+
+async def test_a_setuid_program_of_the_root_gains_nothing(
+    sandbox: tuple[Sandbox, SandboxSpec],
+) -> None:
+    code, out, err = await sh(sandbox, "ls -l /bin/suid-id; suid-id -u; suid-id -ru")
+    assert code == 0, err
+    assert out.split()[0].startswith("-rws")  # the bit is there
+    assert out.split()[-2:] == ["1000", "1000"]  # and gives nothing
 
 
 async def test_a_typed_step_runs_on_the_runners_own_python(
@@ -324,3 +334,16 @@ async def test_a_root_whose_etc_leads_out_of_it_shows_only_generated_files(
     shown = set(result.stdout.decode().split())
     assert "shadow" not in shown
     assert {"passwd", "group", "hosts"} <= shown  # the generated ones
+
+
+def test_an_oci_sandbox_refuses_to_copy_a_huge_etc(base: Path, tiny_root: Path) -> None:
+    """gVisor and podman copy the root's /etc per sandbox: one stuffed with data (a sparse
+    file here) must not fill the host's disk, sandbox after sandbox."""
+    root = base / "fat-root"
+    shutil.copytree(tiny_root, root, symlinks=True, ignore=shutil.ignore_patterns("a-fifo"))
+    with (root / "etc" / "blob").open("wb") as blob:
+        blob.truncate(rootfs.ROOT_ETC_MAX_BYTES + 1)
+    spec = make_spec(base, root, "podman")
+    layout = rootfs.SandboxRoot.for_spec(spec)
+    with pytest.raises(SandboxLaunchError, match="trim it"):
+        rootfs.prepare_rootfs(base / "made", spec, [], layout)

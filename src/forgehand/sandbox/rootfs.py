@@ -287,9 +287,20 @@ def _copy_host_etc(etc: Path) -> None:
             shutil.copy2(source, target, follow_symlinks=False)
 
 
+ROOT_ETC_MAX_BYTES = 64 << 20
+"""The largest custom root /etc the OCI backends copy per sandbox (real ones are a few MB)."""
+
+
 def _copy_root_etc(root: CustomRoot, etc: Path) -> None:
     """A custom root's /etc entries (``layout.custom_root`` left out the generated ones),
-    copied as they are, symlinks as symlinks: a sandbox's /etc is small and its own."""
+    copied as they are, symlinks as symlinks: a sandbox's /etc is small and its own. One
+    too large to copy for every sandbox is refused rather than filling the host's disk."""
+    size = sum(_tree_bytes(e.source) for e in root.etc if isinstance(e, Bind))
+    if size > ROOT_ETC_MAX_BYTES:
+        raise SandboxLaunchError(
+            f"the root's /etc holds {size} bytes, more than the {ROOT_ETC_MAX_BYTES} a sandbox "
+            "copies: trim it (caches, logs and data do not belong in /etc)"
+        )
     for entry in root.etc:
         target = etc / entry.path.name if isinstance(entry, Link) else etc / entry.target.name
         if isinstance(entry, Link):
@@ -298,6 +309,18 @@ def _copy_root_etc(root: CustomRoot, etc: Path) -> None:
             shutil.copytree(entry.source, target, symlinks=True, ignore=_special_files)
         else:
             shutil.copy2(entry.source, target, follow_symlinks=False)
+
+
+def _tree_bytes(path: Path) -> int:
+    """The bytes of the regular files at or below ``path``, symlinks not followed."""
+    if not path.is_dir():
+        return path.lstat().st_size
+    total = 0
+    for directory, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(directory, name)).st_size
+    return total
 
 
 def _special_files(directory: str, names: list[str]) -> set[str]:
