@@ -181,3 +181,58 @@ async def test_proxy_is_the_only_way_out(
     assert reached[host_service] == "ECONNREFUSED"  # the sandbox's own, empty loopback
     assert reached[cloud] in ("ENETUNREACH", "EHOSTUNREACH")
     assert seen == [b"GET /ok HTTP/1.1"]  # only the proxied, allowed request arrived
+
+
+READ_ONLY_PROBE = """
+import json, os, socket, sys, urllib.error, urllib.request
+base = sys.argv[1]
+out = {}
+for name, data in (("get", None), ("post", b"payload")):
+    try:
+        out[name] = urllib.request.urlopen(base + name, data=data, timeout=20).read().decode()
+    except urllib.error.HTTPError as e:
+        out[name] = [e.code, e.read().decode()]
+s = socket.create_connection(("127.0.0.1", 3128), timeout=20)
+target = base.split("/")[2]
+s.sendall(f"CONNECT {target} HTTP/1.1\\r\\nHost: {target}\\r\\n\\r\\n".encode())
+out["connect"] = s.recv(200).split(b" ")[1].decode()
+s.close()
+out["log"] = open(os.environ["FORGEHAND_EGRESS_LOG"]).read()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("name", ["bwrap", "gvisor", "podman"])
+async def test_read_only_network_lets_get_through_and_refuses_the_rest(
+    name: str, base: Path, upstream: tuple[int, list[bytes]]
+) -> None:
+    """``read_only_methods``: GET goes through; POST and CONNECT are refused, and the
+    decision log the agent reads says why."""
+    port, seen = upstream
+    network = {"mode": "proxy", "allow_hosts": ["allowed.test"], "read_only_methods": True}
+    spec = SandboxSpec.model_validate(
+        {
+            "work_dir": {"host_path": str(base / "work"), "size_bytes": "16M"},
+            "limits": {"memory_bytes": "512M", "wall_time_seconds": 120},
+            "network": network,
+        }
+    )
+    async with make_backend(name, base).create(spec) as sandbox:
+        probe = ["python3", "-c", READ_ONLY_PROBE, f"http://allowed.test:{port}/"]
+        result = await sandbox.client.run(run_spec(spec, probe))
+    assert result.ok, result.stderr.decode()[-2000:]
+    out = json.loads(result.stdout)
+    assert out["get"] == "hello"
+    assert out["post"][0] == 403
+    assert "read-only" in out["post"][1]
+    assert out["connect"] == "403"
+    decisions = [json.loads(line) for line in out["log"].splitlines()]
+    assert [(d["method"], d["decision"]) for d in decisions] == [
+        ("GET", "allowed"),
+        ("POST", "denied"),
+        ("CONNECT", "denied"),
+    ]
+    assert "read-only" in decisions[1]["reason"]
+    assert "POST" in decisions[1]["reason"]
+    assert "CONNECT" in decisions[2]["reason"]
+    assert seen == [b"GET /get HTTP/1.1"]  # the refused requests never left the host
