@@ -228,6 +228,7 @@ def test_read_only_network_refuses_all_but_get() -> None:
         (("--output-limit", "lots"), b"limits.output_bytes"),
         (("--rootfs", "/nonexistent/fh-root"), b"--rootfs /nonexistent/fh-root: no such"),
         (("--rootfs", "/", "--image", "debian:12"), b"--rootfs or --image, not both"),
+        (("--rootfs", "/"), b"use root: host"),
         (("--image=-v",), b"root.image.name"),
     ],
 )

@@ -47,6 +47,7 @@ def test_spec_is_frozen() -> None:
         ({"limits": {"cpu_cores": "inf"}}, "cpu_cores"),
         ({"limits": {"wall_time_seconds": float("nan")}}, "wall_time_seconds"),
         ({"root": {"type": "dir", "path": "relative/root"}}, "path"),
+        ({"root": {"type": "dir", "path": "/"}}, "path"),
         ({"root": {"type": "image", "name": "--privileged"}}, "name"),
         ({"root": {"type": "image", "name": "debian 12"}}, "name"),
         ({"root": {"type": "image"}}, "name"),

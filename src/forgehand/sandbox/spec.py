@@ -77,6 +77,17 @@ class DirRoot(_Strict):
     path: AbsolutePath
     """Host path of the root filesystem directory."""
 
+    @field_validator("path")
+    @classmethod
+    def _not_the_hosts(cls, path: Path) -> Path:
+        if PurePosixPath(path) == PurePosixPath("/"):
+            raise ValueError(
+                "'/' is the host's own root, and as a root: dir it would show the host's "
+                "/home, /var, /srv… to the sandbox: use root: host (only /usr and a few "
+                "/etc files)"
+            )
+        return path
+
 
 class ImageRoot(_Strict):
     """A container image already in this machine's podman store (never pulled), read-only
