@@ -300,13 +300,13 @@ class BwrapRunnerSandbox:
         self._work_made = not await asyncio.to_thread(self.work_dir.exists)
         entry = own_entry(NAME, self._id, self.work_dir, self._work_made)
         await asyncio.to_thread(self._registry.add, entry)
-        await self._make_sock_dir()
-        if isinstance(self.spec.network, ProxyNetwork):
-            await self._start_proxy(self.spec.network)
         self._layout_spec = await images.as_dir_root(self.spec, self._dir)
         if isinstance(self._layout_spec.root, DirRoot):
             venv, source = self.config.venv, self.config.package_root
             self._userland = await asyncio.to_thread(runner_userland, venv, source)
+        await self._make_sock_dir()
+        if isinstance(self.spec.network, ProxyNetwork):
+            await self._start_proxy(self.spec.network)
         await self._start_box()
         await self._spawn_runner()
         await self._wait_ready()
