@@ -345,3 +345,21 @@ def test_an_oci_sandbox_refuses_to_copy_a_huge_etc(base: Path, tiny_root: Path) 
     layout = rootfs.SandboxRoot.for_spec(spec)
     with pytest.raises(SandboxLaunchError, match="trim it"):
         rootfs.prepare_rootfs(base / "made", spec, [], layout)
+
+
+GVISOR_EXEC = [
+    p
+    for p in BACKENDS
+    if p.id == "gvisor"  # the exec channel: each connection is `runsc exec … proxy`
+]
+
+
+@pytest.mark.parametrize("make", GVISOR_EXEC)
+async def test_gvisors_exec_channel_runs_its_proxy_on_the_runners_userland(
+    make: Make, base: Path, tiny_root: Path
+) -> None:
+    backend = GVisorBackend(GVisorConfig(state_dir=base / "state", runner_channel="exec"))
+    spec = make_spec(base, tiny_root, "gvisor")
+    async with backend.create(spec) as box:
+        result = await box.client.run(run_spec(spec, ["/bin/cat", "/etc/os-release"]))
+    assert "ID=tiny" in result.stdout.decode(), result.stderr

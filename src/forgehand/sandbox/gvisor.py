@@ -355,7 +355,6 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         self._sock_mounted = False
         self._views: dict[Path, Path] = {}
         self._sandbox_root: rootfs.SandboxRoot | None = None
-        self._python_m: tuple[str, ...] = rootfs.VENV_PYTHON_M
         self._channel: Channel = "exec" if config.runner_channel == "exec" else "socket"
         self._client = self._make_client()
         self._group: CgroupGroup | None = None
@@ -455,7 +454,9 @@ class GVisorSandbox(rootfs.ManagedSandbox):
 
     def _make_client(self) -> RunnerClient:
         if self._channel == "exec":
-            return rootfs.exec_client(self._exec_argv(rootfs.proxy_argv(self._python_m)))
+            root = self._sandbox_root
+            python_m = root.python_m if root is not None else rootfs.VENV_PYTHON_M
+            return rootfs.exec_client(self._exec_argv(rootfs.proxy_argv(python_m)))
         # The sandbox can write sock/ (its runner binds there): never follow what it puts
         # there. The gofer makes the socket file owned by the binding process's uid.
         socket = self._sock_dir / rootfs.SHARED_SOCKET.name
@@ -479,9 +480,8 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         await rootfs.blocking(self._registry.add, entry)
         layout_spec = await images.as_dir_root(self.spec, self._dir)
         self._sandbox_root = await rootfs.blocking(rootfs.SandboxRoot.for_spec, layout_spec)
-        if self._sandbox_root.python_m != self._python_m:  # a custom root's runner userland
-            self._python_m = self._sandbox_root.python_m
-            self._client = self._make_client()
+        if self._channel == "exec" and self._sandbox_root.custom is not None:
+            self._client = self._make_client()  # its proxy runs on the runner's userland
         await self._make_cgroup()
         if self._channel == "socket":
             await self._mount_sock()

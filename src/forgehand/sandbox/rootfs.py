@@ -3,7 +3,9 @@
 A sandbox's root is a small directory made per sandbox (``prepare_rootfs``): mount
 points, the host's merged-/usr symlinks (``bin -> usr/bin`` …), a few copied /etc files
 and generated ``passwd``/``group``/``hosts``. It is mounted read-only; /usr, the venv and
-the forgehand source come in as read-only bind mounts. Layout inside the sandbox::
+the forgehand source come in as read-only bind mounts. A custom root (``root: dir`` or
+``image``) brings its own entries and /etc instead, and the runner its own userland
+(``SandboxRoot``, ``forgehand.sandbox.layout``). Layout inside the sandbox::
 
     /opt/forgehand/venv, /opt/forgehand/src   the runner's interpreter and package (ro)
     /run/forgehand/runner.sock                  the runner's socket, when reached by exec
@@ -143,9 +145,6 @@ class SandboxRoot:
         if self.custom is not None:
             env[PYTHON_M_VARIABLE] = json.dumps(self.python_m)
         return env
-
-    def mount_points(self) -> list[PurePosixPath]:
-        return [bind.target for bind in self.binds]
 
 
 def runner_argv(*arguments: str, python_m: Sequence[str] = VENV_PYTHON_M) -> list[str]:
@@ -302,7 +301,7 @@ def _copy_root_etc(root: CustomRoot, etc: Path) -> None:
             "copies: trim it (caches, logs and data do not belong in /etc)"
         )
     for entry in root.etc:
-        target = etc / entry.path.name if isinstance(entry, Link) else etc / entry.target.name
+        target = etc / (entry.path if isinstance(entry, Link) else entry.target).name
         if isinstance(entry, Link):
             target.symlink_to(entry.to)
         elif entry.source.is_dir():
@@ -325,10 +324,12 @@ def _tree_bytes(path: Path) -> int:
 
 def _special_files(directory: str, names: list[str]) -> set[str]:
     """Devices, sockets and fifos in a root's /etc: not copied."""
-    keep = {n for n in names if os.path.islink(os.path.join(directory, n))}
-    keep |= {n for n in names if os.path.isdir(os.path.join(directory, n))}
-    keep |= {n for n in names if os.path.isfile(os.path.join(directory, n))}
-    return set(names) - keep
+    paths = {name: os.path.join(directory, name) for name in names}
+    return {
+        name
+        for name, path in paths.items()
+        if not (os.path.islink(path) or os.path.isdir(path) or os.path.isfile(path))
+    }
 
 
 def _make_mount_point(root: Path, point: PurePosixPath, *, file: bool = False) -> None:
