@@ -574,7 +574,7 @@ class BwrapRunnerSandbox:
             self._sock_mounted = False
 
     async def _release_image(self) -> None:
-        await asyncio.to_thread(images.release, self._dir)
+        await asyncio.to_thread(rootfs.release_image, self._dir)
 
     async def _close_box(self) -> None:
         if self._box is not None:
@@ -679,7 +679,7 @@ def _reap_entry(registry: Registry, entry: Entry) -> None:
     if entry.work_dir_made:
         with contextlib.suppress(FileNotFoundError):
             work.rmdir()
-    images.release(registry.directory(entry.sandbox_id))
+    rootfs.release_image(registry.directory(entry.sandbox_id))
     registry.remove(entry.sandbox_id)
 
 

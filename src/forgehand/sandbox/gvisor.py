@@ -511,11 +511,6 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         )
         self._pids_events_before = await rootfs.blocking(_pids_events, self._group)
 
-    def _root(self) -> rootfs.SandboxRoot:
-        if self._sandbox_root is None:
-            raise SandboxStateError(f"sandbox {self._id}: its root is not laid out yet")
-        return self._sandbox_root
-
     def _make_views(self) -> None:
         """A read-only view of each read-only source under ``ro/``, for the bundle."""
         views = self._dir / VIEWS
@@ -714,9 +709,6 @@ class GVisorSandbox(rootfs.ManagedSandbox):
             await rootfs.blocking(readonly_views.release_below, self._dir / VIEWS)
             self._views.clear()
 
-    async def _release_image(self) -> None:
-        await rootfs.blocking(images.release, self._dir)
-
     async def _stop_proxy(self) -> None:
         if self._proxy is not None:
             await self._proxy.stop()
@@ -759,7 +751,7 @@ async def reap_entry(config: GVisorConfig, registry: Registry, entry: Entry) -> 
     await rootfs.blocking(
         readonly_views.release_below, registry.directory(entry.sandbox_id) / VIEWS
     )
-    await rootfs.blocking(images.release, registry.directory(entry.sandbox_id))
+    await rootfs.blocking(rootfs.release_image, registry.directory(entry.sandbox_id))
     await rootfs.unmount_sock_dir(registry.directory(entry.sandbox_id) / "sock")
     await rootfs.unmount_work_dir(Path(entry.work_dir), entry.work_dir_made)
     await rootfs.blocking(registry.remove, entry.sandbox_id)

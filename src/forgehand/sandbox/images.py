@@ -7,7 +7,7 @@ nodev into its own directory (``<state>/<id>/image``), and podman's mount is rel
 once: the bind keeps the image's file system alive for this sandbox alone, whatever other
 sandboxes or podman do with the image meanwhile. From there on the image is a ``root: dir``
 (``forgehand.sandbox.layout``). Destroy and ``forgehand sandbox gc`` detach the bind
-(``release``).
+(``rootfs.release_image``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from forgehand.sandbox import readonly_views, rootfs
 from forgehand.sandbox.errors import BackendUnavailable, SandboxLaunchError
 from forgehand.sandbox.spec import DirRoot, ImageRoot, SandboxSpec
 
-IMAGE_DIR = "image"
-"""The bind of the image's file system, in the sandbox's own directory."""
 PODMAN_TIMEOUT_SECONDS = 120.0
 
 
@@ -39,7 +37,7 @@ async def as_dir_root(spec: SandboxSpec, directory: Path, podman: str = "podman"
 
 async def mount(directory: Path, name: str, podman: str = "podman") -> Path:
     """Bind the local image ``name`` read-only at ``directory/image``."""
-    target = directory / IMAGE_DIR
+    target = directory / rootfs.IMAGE_DIR
     binary = await asyncio.to_thread(find_podman, podman)  # missing: say so, unmount nothing
     try:
         merged = Path(await _podman(binary, "image", "mount", name))
@@ -53,13 +51,6 @@ async def mount(directory: Path, name: str, podman: str = "podman") -> Path:
         # mounted yet; the unmount then lowers a count another user of the image raised.)
         await rootfs.uncancellable(_podman_quietly(binary, "image", "unmount", name))
     return target
-
-
-def release(directory: Path) -> None:
-    """Detach the image bound in ``directory`` (if any). Blocking; safe to repeat."""
-    target = directory / IMAGE_DIR
-    if target.exists():
-        readonly_views.release_below(target)
 
 
 def find_podman(podman: str = "podman") -> str:

@@ -353,11 +353,6 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         self._achieved = await self._read_achieved()
         self._watcher = asyncio.create_task(self._watch())
 
-    def _root(self) -> rootfs.SandboxRoot:
-        if self._sandbox_root is None:
-            raise SandboxStateError(f"sandbox {self._id}: its root is not laid out yet")
-        return self._sandbox_root
-
     def _podman(self, *arguments: str) -> list[str]:
         return [self.config.podman, *arguments]
 
@@ -509,9 +504,6 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         ]
         return await self._cleanup(steps)
 
-    async def _release_image(self) -> None:
-        await rootfs.blocking(images.release, self._dir)
-
     async def _remove_container(self) -> None:
         if self._started:
             await remove_container(self.config, self._id)
@@ -558,7 +550,7 @@ async def reap_entry(config: PodmanConfig, registry: Registry, entry: Entry) -> 
     """Remove what a dead owner left: the container, the socket and work dir mounts, the
     state dir."""
     await remove_container(config, entry.sandbox_id)
-    await rootfs.blocking(images.release, registry.directory(entry.sandbox_id))
+    await rootfs.blocking(rootfs.release_image, registry.directory(entry.sandbox_id))
     await rootfs.unmount_sock_dir(registry.directory(entry.sandbox_id) / "sock")
     await rootfs.unmount_work_dir(Path(entry.work_dir), entry.work_dir_made)
     await rootfs.blocking(registry.remove, entry.sandbox_id)

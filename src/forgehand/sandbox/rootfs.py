@@ -40,7 +40,7 @@ import forgehand
 from forgehand.runner.client import ExecConnector, RunnerClient
 from forgehand.runner.keeper import PYTHON_M_VARIABLE
 from forgehand.runner.model import Exited, ExitReason, Output, RunSpec
-from forgehand.sandbox import bwrap, subreaper
+from forgehand.sandbox import bwrap, readonly_views, subreaper
 from forgehand.sandbox.backend import Availability, SandboxRecord
 from forgehand.sandbox.egress import AllowRule, EgressConfig, EgressProxy, Resolver
 from forgehand.sandbox.egress.config import operator_trusted_networks
@@ -176,6 +176,16 @@ def proxy_argv(python_m: Sequence[str] = VENV_PYTHON_M) -> list[str]:
 
 
 MAX_STACKED_MOUNTS = 8
+IMAGE_DIR = "image"
+"""Where a ``root: image`` is bound, in the sandbox's own directory (``images.mount``)."""
+
+
+def release_image(directory: Path) -> None:
+    """Detach the image bound in the sandbox directory ``directory``, if any. Blocking;
+    safe to repeat."""
+    target = directory / IMAGE_DIR
+    if target.exists():
+        readonly_views.release_below(target)
 
 
 def exec_client(argv: list[str]) -> RunnerClient:
@@ -650,7 +660,9 @@ class ManagedSandbox:
     state: SandboxState
     spec: SandboxSpec
     _id: str
+    _dir: Path
     _registry: Registry
+    _sandbox_root: SandboxRoot | None
     _ended: SandboxEnd | None
     _watcher: asyncio.Task[None] | None
     _sock_dir: Path
@@ -672,6 +684,15 @@ class ManagedSandbox:
     async def _mount_work(self) -> None:
         self._work_mounted = True
         await mount_work_dir(self.work_dir, self.spec.work_dir_bytes)
+
+    def _root(self) -> SandboxRoot:
+        """The root as laid out at start (``SandboxRoot.for_spec``)."""
+        if self._sandbox_root is None:
+            raise SandboxStateError(f"sandbox {self._id}: its root is not laid out yet")
+        return self._sandbox_root
+
+    async def _release_image(self) -> None:
+        await blocking(release_image, self._dir)
 
     async def _unmount_sock(self) -> None:
         if self._sock_mounted:
