@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import pytest
 
 from forgehand.agent.replay import ReplayServer, Script
 from forgehand.agent.trajectory import read_trajectory
-from forgehand.cli.agent_run import run_agent
+from forgehand.cli.agent_run import run_agent, run_command
 from forgehand.cli.main import build_parser
 
 from .conftest import API_KEY, BUGGY_CALC, git, make_python_repo
@@ -126,6 +128,73 @@ async def test_multi_step_fix_inside_a_bubblewrap_sandbox(
     assert records[-1]["reason"] == "finished"
     (ran,) = [r for r in records if r["type"] == "tool_call" and r["name"] == "run"]
     assert ran["exit_code"] == 0
+
+
+ROOT_TURNS = [
+    turn(call("run", command="cat /etc/os-release"), last_message_contains="add() subtracts"),
+    turn(
+        call("edit_file", path="calc.py", old_text="return a - b", new_text="return a + b"),
+        last_tool_result_contains="ID=agent-root",
+    ),
+    turn(
+        call("finish", summary="add() now adds."),
+        last_tool_result_contains="replaced 1 occurrence",
+    ),
+]
+
+
+@pytest.fixture
+def custom_root(short_tmp: Path) -> Iterator[Path]:
+    """A root filesystem of its own (its own /etc/os-release), whose /usr is the host's,
+    bound read-only: the agent's commands run on the root's programs."""
+    root = short_tmp / "root"
+    (root / "usr").mkdir(parents=True)
+    (root / "etc").mkdir()
+    (root / "etc" / "os-release").write_text("ID=agent-root\n")
+    for name in ("bin", "lib", "lib64", "sbin"):
+        if Path("/", name).is_symlink():
+            (root / name).symlink_to(os.readlink(Path("/", name)))
+    for path in (short_tmp, root, root / "etc", root / "usr", root / "etc" / "os-release"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    subprocess.run(["mount", "--bind", "/usr", str(root / "usr")], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(root / "usr")], check=True)
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", str(root / "usr")], check=False)
+
+
+@pytest.mark.skipif(
+    shutil.which("bwrap") is None or os.geteuid() != 0,
+    reason="the bubblewrap backend needs root and the `bubblewrap` package",
+)
+@pytest.mark.usefixtures("agent_env")
+async def test_an_agent_run_on_a_root_filesystem_of_its_own(
+    kind: str, repo: Path, custom_root: Path
+) -> None:
+    code, server, records = await run_cli_in_process(
+        kind,
+        repo,
+        ROOT_TURNS,
+        "add() subtracts\n\ncalc.add(2, 3) should be 5.",
+        *("--sandbox", "bwrap", "--rootfs", str(custom_root)),
+    )
+    assert code == 0
+    assert server.remaining == 0
+    (branch,) = git(
+        repo, "branch", "--list", "--format=%(refname:short)", "forgehand/agent-*"
+    ).split()
+    assert "return a + b" in git(repo, "show", f"{branch}:calc.py")
+    assert records[-1]["reason"] == "finished"
+
+
+@pytest.mark.usefixtures("agent_env")
+def test_a_root_without_a_sandbox_is_refused(
+    repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["agent", "run", "--repo", str(repo), "--task", "x", "--rootfs", "/srv/root"]
+    assert run_command(build_parser().parse_args(argv)) == 2
+    assert "--rootfs and --image need a sandbox" in capsys.readouterr().err
 
 
 @pytest.mark.usefixtures("agent_env")

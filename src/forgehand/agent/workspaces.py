@@ -107,16 +107,21 @@ async def open_workspace(
     *,
     path_prefix: Sequence[str] = (),
     network: NetworkPolicy | None = None,
+    root: dict[str, str] | None = None,
 ) -> AsyncIterator[Workspace]:
     """A workspace over `<scratch>/work`; `path_prefix` directories go first on PATH.
-    `network` applies to sandboxes (default: none); without a sandbox there is no policy."""
+    `network` applies to sandboxes (default: none); without a sandbox there is no policy.
+    `root` is a sandbox's root filesystem as the spec takes it (default: the host's); a
+    custom one brings its own programs, so `path_prefix` (host paths) does not apply."""
     work = scratch / "work"
     await asyncio.to_thread(work.mkdir)
     if kind == NO_SANDBOX:
         async with _local_runner(scratch, work, path_prefix) as space:
             yield space
         return
-    async with _sandboxed(kind, work, path_prefix, network) as space:
+    if root is not None and root.get("type", "host") != "host":
+        path_prefix = ()
+    async with _sandboxed(kind, work, path_prefix, network, root) as space:
         yield space
 
 
@@ -145,7 +150,11 @@ async def _local_runner(
 
 @contextlib.asynccontextmanager
 async def _sandboxed(
-    kind: str, work: Path, path_prefix: Sequence[str], network: NetworkPolicy | None
+    kind: str,
+    work: Path,
+    path_prefix: Sequence[str],
+    network: NetworkPolicy | None,
+    root: dict[str, str] | None,
 ) -> AsyncIterator[Workspace]:
     from forgehand.sandbox import backend as backends
     from forgehand.sandbox.backend import CountsOomKills, EndsOnItsOwn
@@ -153,7 +162,16 @@ async def _sandboxed(
     from forgehand.sandbox.runs import run_environment
     from forgehand.sandbox.spec import NoNetwork, ProxyNetwork, SandboxSpec, WorkDir
 
-    spec = SandboxSpec(work_dir=WorkDir(host_path=work), network=network or NoNetwork())
+    try:
+        spec = SandboxSpec.model_validate(
+            {
+                "work_dir": WorkDir(host_path=work),
+                "network": network or NoNetwork(),
+                "root": root or {"type": "host"},
+            }
+        )
+    except ValueError as exc:  # pydantic's ValidationError names the field
+        raise WorkspaceError(f"the sandbox's root is invalid: {exc}") from None
     try:
         backend = backends.choose_backend(spec, kind)
     except SandboxError as exc:
