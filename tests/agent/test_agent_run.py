@@ -27,6 +27,20 @@ CANARY = "canary-7fQ2xVb9Lm3Kp0sT"
 PYTEST = f"{sys.executable} -m pytest -q -p no:cacheprovider"
 
 
+NEEDS_BWRAP = pytest.mark.skipif(
+    shutil.which("bwrap") is None or os.geteuid() != 0,
+    reason="the bubblewrap backend needs root and the `bubblewrap` package",
+)
+
+
+def agent_branch(repo: Path) -> str:
+    """The one branch an agent run left in ``repo``."""
+    (branch,) = git(
+        repo, "branch", "--list", "--format=%(refname:short)", "forgehand/agent-*"
+    ).split()
+    return branch
+
+
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     return make_python_repo(tmp_path / "repo")
@@ -89,9 +103,7 @@ async def test_multi_step_fix_ends_as_a_branch(kind: str, repo: Path) -> None:
     )
     assert code == 0
     assert server.remaining == 0
-    (branch,) = git(
-        repo, "branch", "--list", "--format=%(refname:short)", "forgehand/agent-*"
-    ).split()
+    branch = agent_branch(repo)
     assert "return a + b" in git(repo, "show", f"{branch}:calc.py")
     assert git(repo, "diff", "--name-only", "main", branch) == "calc.py"
     assert git(repo, "log", "-1", "--format=%an", branch) == "forgehand[bot]"
@@ -103,10 +115,7 @@ async def test_multi_step_fix_ends_as_a_branch(kind: str, repo: Path) -> None:
     assert ran["exit_code"] == 0
 
 
-@pytest.mark.skipif(
-    shutil.which("bwrap") is None or os.geteuid() != 0,
-    reason="the bubblewrap backend needs root and the `bubblewrap` package",
-)
+@NEEDS_BWRAP
 async def test_multi_step_fix_inside_a_bubblewrap_sandbox(
     kind: str, repo: Path, agent_env: Path
 ) -> None:
@@ -121,9 +130,7 @@ async def test_multi_step_fix_inside_a_bubblewrap_sandbox(
     )
     assert code == 0
     assert server.remaining == 0
-    (branch,) = git(
-        repo, "branch", "--list", "--format=%(refname:short)", "forgehand/agent-*"
-    ).split()
+    branch = agent_branch(repo)
     assert "return a + b" in git(repo, "show", f"{branch}:calc.py")
     assert records[-1]["reason"] == "finished"
     (ran,) = [r for r in records if r["type"] == "tool_call" and r["name"] == "run"]
@@ -164,10 +171,7 @@ def custom_root(short_tmp: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(root / "usr")], check=False)
 
 
-@pytest.mark.skipif(
-    shutil.which("bwrap") is None or os.geteuid() != 0,
-    reason="the bubblewrap backend needs root and the `bubblewrap` package",
-)
+@NEEDS_BWRAP
 @pytest.mark.usefixtures("agent_env")
 async def test_an_agent_run_on_a_root_filesystem_of_its_own(
     kind: str, repo: Path, custom_root: Path
@@ -181,9 +185,7 @@ async def test_an_agent_run_on_a_root_filesystem_of_its_own(
     )
     assert code == 0
     assert server.remaining == 0
-    (branch,) = git(
-        repo, "branch", "--list", "--format=%(refname:short)", "forgehand/agent-*"
-    ).split()
+    branch = agent_branch(repo)
     assert "return a + b" in git(repo, "show", f"{branch}:calc.py")
     assert records[-1]["reason"] == "finished"
 
@@ -310,9 +312,7 @@ async def test_cli_exits_non_zero_with_the_reason_and_keeps_partial_work(
     assert code == 1
     assert "max_steps after 1 steps" in err
     assert "--max-steps" in err
-    (branch,) = git(
-        repo, "branch", "--list", "--format=%(refname:short)", "forgehand/agent-*"
-    ).split()
+    branch = agent_branch(repo)
     assert git(repo, "show", f"{branch}:NOTES.md") == "started"
     assert "partial work" in git(repo, "log", "-1", "--format=%B", branch)
 
