@@ -118,17 +118,23 @@ def _libraries(program: str) -> list[Path]:
     return found
 
 
-@contextlib.contextmanager
-def tiny_image(name: str) -> Iterator[str]:
-    """``build_tiny_root`` as the local podman image ``name`` (``podman import``: nothing
-    is pulled), removed afterwards; the test is skipped where podman is not installed."""
+def tiny_root_archive() -> bytes:
+    """``build_tiny_root`` as a tar archive, for ``podman import``; the test is skipped
+    where podman is not installed."""
     if shutil.which("podman") is None:
         pytest.skip("podman is not installed: root: image needs its local store")
     with tempfile.TemporaryDirectory(prefix="fh-image-", dir="/tmp") as scratch:
         build_tiny_root(Path(scratch) / "root")
-        archive = subprocess.run(
+        return subprocess.run(
             ["tar", "-C", f"{scratch}/root", "-c", "."], capture_output=True, check=True
         ).stdout
+
+
+@contextlib.contextmanager
+def tiny_image(name: str) -> Iterator[str]:
+    """``build_tiny_root`` as the local podman image ``name`` (``podman import``: nothing
+    is pulled), removed afterwards; the test is skipped where podman is not installed."""
+    archive = tiny_root_archive()
     subprocess.run(["podman", "import", "-", name], input=archive, capture_output=True, check=True)
     try:
         yield name

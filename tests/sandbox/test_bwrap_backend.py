@@ -69,10 +69,11 @@ async def test_runs_go_through_the_runner(sandbox: BwrapRunnerSandbox) -> None:
 
 async def test_achieved_reports_what_the_kernel_applies(sandbox: BwrapRunnerSandbox) -> None:
     achieved = sandbox.achieved
-    assert (achieved.backend, achieved.isolation, achieved.network.mode) == (
+    assert (achieved.backend, achieved.isolation, achieved.network.mode, achieved.root) == (
         "bwrap",
         "process",
         "none",
+        "host",
     )
     # The runner's own share is added on top of the spec's limits, never taken from them.
     assert achieved.limits.memory_bytes >= 128 << 20

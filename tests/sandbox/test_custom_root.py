@@ -137,6 +137,19 @@ async def test_runs_see_the_root_and_not_the_host(sandbox: tuple[Sandbox, Sandbo
     assert "python3" not in out
 
 
+async def test_achieved_names_the_root_exactly(
+    sandbox: tuple[Sandbox, SandboxSpec], root: dict[str, str]
+) -> None:
+    """The root as given for a directory; for an image, also the ID of the one mounted."""
+    box, _ = sandbox
+    if root["type"] == "dir":
+        assert box.achieved.root == f"dir {root['path']}"
+        return
+    listing = ["podman", "image", "inspect", "--format", "{{.Id}}", root["name"]]
+    image_id = subprocess.run(listing, capture_output=True, text=True, check=True).stdout
+    assert box.achieved.root == f"image {root['name']} (sha256:{image_id[:12]})"
+
+
 async def test_the_sandbox_keeps_its_own_accounts_and_mounts(
     sandbox: tuple[Sandbox, SandboxSpec],
 ) -> None:

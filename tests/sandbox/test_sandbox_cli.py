@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -273,6 +274,8 @@ def test_ls_gc_and_doctor() -> None:
     doctor = forgehand("doctor")
     assert doctor.returncode == 0
     assert b"bwrap    available" in doctor.stdout
+    if shutil.which("podman") is not None:
+        assert b"images   available  root: image reads podman's local store (" in doctor.stdout
 
 
 @pytest.mark.slow

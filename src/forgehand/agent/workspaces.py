@@ -204,7 +204,8 @@ async def _sandboxed(
             env,
             backend=kind,
             detail=f"{kind} sandbox, isolation {sandbox.achieved.isolation}, "
-            f"network {spec.network.mode}",
+            f"network {spec.network.mode}"
+            + ("" if sandbox.achieved.root == "host" else f", root {sandbox.achieved.root}"),
             egress_log=egress_log,
             ending=ending,
             oom_kills=sandbox.oom_kills if isinstance(sandbox, CountsOomKills) else None,

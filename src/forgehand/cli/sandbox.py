@@ -344,7 +344,7 @@ def _report_failure(backend: SandboxBackend, action: str, exc: Exception) -> int
 
 
 def _doctor(_args: argparse.Namespace) -> int:
-    from forgehand.sandbox import rootfs
+    from forgehand.sandbox import images, rootfs
 
     usable = 0
     for name, factory in load_backends().items():
@@ -356,6 +356,8 @@ def _doctor(_args: argparse.Namespace) -> int:
         usable += status.available
         verdict = "available" if status.available else "missing  "
         print(f"{name:8} {verdict}  isolation={status.isolation}  {status.detail}")
+    works, detail = images.availability()
+    print(f"{'images':8} {'available' if works else 'missing  '}  {detail}")
     compiled = rootfs.compiled_subreaper()
     if compiled is not None:
         print(f"subreaper compiled   {compiled}")

@@ -42,6 +42,9 @@ class Achieved:
     isolation: IsolationLevel
     limits: Limits
     network: NetworkPolicy
+    root: str
+    """The root filesystem, exactly: ``host``, ``dir /abs/path``, or ``image NAME
+    (sha256:<12 hex of the ID>)`` for the image really mounted."""
 
 
 @dataclass(frozen=True)

@@ -196,6 +196,7 @@ class BwrapRunnerSandbox:
         self._proxy: EgressProxy | None = None
         self._userland: RunnerUserland | None = None
         self._layout_spec = spec
+        self._root_shown = ""
         self._runner: asyncio.subprocess.Process | None = None
         self._achieved: Achieved | None = None
         self._work_made = False
@@ -300,7 +301,8 @@ class BwrapRunnerSandbox:
         self._work_made = not await asyncio.to_thread(self.work_dir.exists)
         entry = own_entry(NAME, self._id, self.work_dir, self._work_made)
         await asyncio.to_thread(self._registry.add, entry)
-        self._layout_spec = await images.as_dir_root(self.spec, self._dir)
+        resolved = await images.as_dir_root(self.spec, self._dir)
+        self._layout_spec, self._root_shown = resolved.spec, resolved.shown
         if isinstance(self._layout_spec.root, DirRoot):
             venv, source = self.config.venv, self.config.package_root
             self._userland = await asyncio.to_thread(runner_userland, venv, source)
@@ -525,7 +527,8 @@ class BwrapRunnerSandbox:
         network = self.spec.network
         if self._proxy is not None and isinstance(network, ProxyNetwork):
             network = network.model_copy(update={"socket_path": self._proxy.socket_path})
-        return Achieved(NAME, "process", Limits.model_validate(limits.model_dump()), network)
+        real_limits = Limits.model_validate(limits.model_dump())
+        return Achieved(NAME, "process", real_limits, network, self._root_shown)
 
     async def _expire_after(self, delay: float) -> None:
         await asyncio.sleep(delay)

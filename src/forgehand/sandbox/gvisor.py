@@ -355,6 +355,7 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         self._sock_mounted = False
         self._views: dict[Path, Path] = {}
         self._sandbox_root: rootfs.SandboxRoot | None = None
+        self._root_shown = ""
         self._channel: Channel = "exec" if config.runner_channel == "exec" else "socket"
         self._client = self._make_client()
         self._group: CgroupGroup | None = None
@@ -478,8 +479,9 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         self._work_made = not await rootfs.blocking(self.work_dir.exists)
         entry = own_entry(NAME, self._id, self.work_dir, self._work_made)
         await rootfs.blocking(self._registry.add, entry)
-        layout_spec = await images.as_dir_root(self.spec, self._dir)
-        self._sandbox_root = await rootfs.blocking(rootfs.SandboxRoot.for_spec, layout_spec)
+        resolved = await images.as_dir_root(self.spec, self._dir)
+        self._root_shown = resolved.shown
+        self._sandbox_root = await rootfs.blocking(rootfs.SandboxRoot.for_spec, resolved.spec)
         if self._channel == "exec" and self._sandbox_root.custom is not None:
             self._client = self._make_client()  # its proxy runs on the runner's userland
         await self._make_cgroup()
@@ -604,7 +606,7 @@ class GVisorSandbox(rootfs.ManagedSandbox):
         network = self.spec.network
         if self._proxy is not None and isinstance(network, ProxyNetwork):
             network = network.model_copy(update={"socket_path": self._proxy.socket_path})
-        return Achieved(NAME, "kernel", limits, network)
+        return Achieved(NAME, "kernel", limits, network, self._root_shown)
 
     async def _watch(self) -> None:
         """Wait for the sandbox to stop (or the wall time to pass) and record why."""

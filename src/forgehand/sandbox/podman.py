@@ -258,6 +258,7 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         self._client = RunnerClient.connect(PinnedSocketConnector(socket, rootfs.SANDBOX_UID))
         self._proxy: EgressProxy | None = None
         self._sandbox_root: rootfs.SandboxRoot | None = None
+        self._root_shown = ""
         self._achieved: Achieved | None = None
         self._ended: SandboxEnd | None = None
         self._work_made = False
@@ -331,8 +332,9 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         self._work_made = not await rootfs.blocking(self.work_dir.exists)
         entry = own_entry(NAME, self._id, self.work_dir, self._work_made)
         await rootfs.blocking(self._registry.add, entry)
-        layout_spec = await images.as_dir_root(self.spec, self._dir, self.config.podman)
-        self._sandbox_root = await rootfs.blocking(rootfs.SandboxRoot.for_spec, layout_spec)
+        resolved = await images.as_dir_root(self.spec, self._dir, self.config.podman)
+        self._root_shown = resolved.shown
+        self._sandbox_root = await rootfs.blocking(rootfs.SandboxRoot.for_spec, resolved.spec)
         await self._mount_sock()
         await self._mount_work()
         if isinstance(self.spec.network, ProxyNetwork):
@@ -435,7 +437,7 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         network = self.spec.network
         if self._proxy is not None and isinstance(network, ProxyNetwork):
             network = network.model_copy(update={"socket_path": self._proxy.socket_path})
-        return Achieved(NAME, "container", limits, network)
+        return Achieved(NAME, "container", limits, network, self._root_shown)
 
     async def _watch(self) -> None:
         """Wait for the container to stop (or the wall time to pass) and record why."""
