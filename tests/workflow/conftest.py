@@ -18,8 +18,8 @@ import pytest
 from forgehand.agent.budget import Budgets
 from forgehand.agent.replay import ReplayServer, Script
 from forgehand.demo import create_example, demo_provider, session_script
-from forgehand.forge.base import Forge, IssueRef
-from forgehand.forge.local import LocalForge
+from forgehand.forge.base import Forge, ForgeKind, IssueRef, ProjectRef
+from forgehand.forge.local import LocalForge, create_issue, init_repo
 from forgehand.workflow.app import Home
 from forgehand.workflow.engine import AgentOptions, PhaseHook, Workflow, WorkflowOptions
 from forgehand.workflow.mirror import MirrorCache
@@ -101,6 +101,8 @@ class Scenario:
         after_phase: PhaseHook | None = None,
         sandbox: str = "none",
         budgets: Budgets | None = None,
+        root: dict[str, str] | None = None,
+        allowed_images: tuple[str, ...] = (),
     ) -> AsyncIterator[tuple[Workflow, ReplayServer]]:
         async with ReplayServer(script or session_script()) as server:
             agent = AgentOptions(
@@ -113,7 +115,12 @@ class Scenario:
                 MirrorCache(self.home.mirrors),
                 forge or self.forge,
                 agent,
-                WorkflowOptions(sandbox=sandbox, home=self.home.root),
+                WorkflowOptions(
+                    sandbox=sandbox,
+                    home=self.home.root,
+                    root=root,
+                    allowed_images=allowed_images,
+                ),
                 after_phase=after_phase,
             )
             yield workflow, server
@@ -122,6 +129,25 @@ class Scenario:
 
 def scripted(*turns: dict[str, Any]) -> Script:
     return Script.model_validate({"turns": list(turns)})
+
+
+async def repo_scenario(
+    root: Path, files: dict[str, str], title: str = "Add a feature"
+) -> Scenario:
+    """A repository holding `files` in a local forge under `root`, with one issue."""
+    home = Home(root / "home")
+    bare = await init_repo(root / "app.git")
+    seed = root / "seed"
+    git(root, "init", "-q", "-b", "main", str(seed))
+    for name, text in files.items():
+        (seed / name).parent.mkdir(parents=True, exist_ok=True)
+        (seed / name).write_text(text)
+    git(seed, "add", "-A")
+    git(seed, "-c", "user.name=A", "-c", "user.email=a@x.invalid", "commit", "-qm", "init")
+    git(seed, "push", "-q", str(bare), "main")
+    ref = await create_issue(home.local_forge(), bare, title, "x", author="alice")
+    forge = LocalForge(home.local_forge(), ProjectRef(ForgeKind.LOCAL, "", str(bare)))
+    return Scenario(root, home, ref, forge)
 
 
 @pytest.fixture

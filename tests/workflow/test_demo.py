@@ -124,6 +124,21 @@ async def test_solve_rejects_unknown_issue_references(short_tmp: Path) -> None:
     assert "/-/issues/N" in err
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (("--image", "node:20", "--sandbox", "none"), "--rootfs and --image need a sandbox"),
+        (("--allow-image", "node 20;"), "--allow-image: 'node 20;' is not a pattern"),
+    ],
+)
+async def test_solve_refuses_roots_it_cannot_give(
+    short_tmp: Path, options: tuple[str, ...], message: str
+) -> None:
+    code, _, err = await run_cli(short_tmp, "solve", "local:/nowhere.git#1", *options)
+    assert code == 2
+    assert message in err
+
+
 async def test_local_issue_create_prints_a_reference(short_tmp: Path) -> None:
     home = short_tmp / "home2"
     code, repo, err = await run_cli(short_tmp, "local", "repo", "init", str(short_tmp / "r.git"))

@@ -8,13 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from forgehand.forge.base import ForgeKind, ProjectRef
-from forgehand.forge.local import LocalForge, create_issue, init_repo
-from forgehand.workflow.app import Home
 from forgehand.workflow.model import Outcome, Phase
 from forgehand.workflow.repo_config import RepoConfigError, parse_repo_config
 
-from .conftest import FINISH, Scenario, git, scripted
+from .conftest import FINISH, repo_scenario, scripted
 
 BLOCKED_HOST = "blocked.forgehand.test"  # refused by name: never resolved, never contacted
 FETCH = (
@@ -68,20 +65,9 @@ def test_network_read_only_reaches_the_sandbox_network_and_is_off_by_default() -
 async def test_setup_refused_by_the_proxy_ends_as_blocked_network(
     short_tmp: Path, config: str, host: str, remedy: str
 ) -> None:
-    home = Home(short_tmp / "home")
-    bare = await init_repo(short_tmp / "app.git")
-    seed = short_tmp / "seed"
-    git(short_tmp, "init", "-q", "-b", "main", str(seed))
-    (seed / ".forgehand").mkdir()
-    (seed / ".forgehand" / "config.yml").write_text(config)
-    git(seed, "add", "-A")
-    git(seed, "-c", "user.name=A", "-c", "user.email=a@x.invalid", "commit", "-qm", "init")
-    git(seed, "push", "-q", str(bare), "main")
-    ref = await create_issue(home.local_forge(), bare, "Add a feature", "x", author="alice")
-    forge = LocalForge(home.local_forge(), ProjectRef(ForgeKind.LOCAL, "", str(bare)))
-    scenario = Scenario(short_tmp, home, ref, forge)
+    scenario = await repo_scenario(short_tmp, {".forgehand/config.yml": config})
     async with scenario.workflow(scripted(FINISH), sandbox="bwrap") as (workflow, _):
-        record = await workflow.solve(ref)
+        record = await workflow.solve(scenario.ref)
     assert record.outcome is Outcome.BLOCKED_NETWORK, record.message
     assert host in record.message
     assert remedy in record.message

@@ -7,6 +7,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from forgehand.cli.solve import add_root
+
 SANDBOXES = ("none", "bwrap", "gvisor", "podman")
 
 
@@ -32,18 +34,7 @@ def register(commands: Any) -> None:
         metavar="S",
         help="hand a still-running command back to the model after S seconds (default 20)",
     )
-    roots = run.add_mutually_exclusive_group()
-    roots.add_argument(
-        "--rootfs",
-        type=Path,
-        metavar="DIR",
-        help="with a sandbox: run on this root filesystem's programs (an unpacked image)",
-    )
-    roots.add_argument(
-        "--image",
-        metavar="NAME",
-        help="with a sandbox: run on a container image in podman's local store (never pulled)",
-    )
+    add_root(run)
     run.add_argument("--trajectory", type=Path, help="JSONL file (default in the repo's .git)")
     run.add_argument(
         "--secret-env",

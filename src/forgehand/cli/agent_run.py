@@ -54,6 +54,7 @@ from forgehand.agent.workspaces import (
     open_workspace,
     scratch_dir,
 )
+from forgehand.cli.solve import chosen_root
 from forgehand.runner.errors import RunnerError
 from forgehand.steps.masking import Masker
 
@@ -84,7 +85,7 @@ async def run_agent(args: argparse.Namespace) -> int:
     branch = f"forgehand/agent-{run_id}"
     trajectory = args.trajectory or (await git_dir(repo)) / "forgehand" / f"agent-{run_id}.jsonl"
     base = await head_commit(repo)
-    root = _root(args)
+    root = chosen_root(args)
     _say(f"agent {run_id}: {config.type} {config.model}, sandbox {args.sandbox}")
     async with (
         scratch_dir() as scratch,
@@ -96,17 +97,6 @@ async def run_agent(args: argparse.Namespace) -> int:
         commit = await snapshot(repo, space.host_dir, scratch, base, branch, message)
     _report(result, commit, branch, repo, trajectory)
     return EXIT_FINISHED if result.finished else EXIT_STOPPED
-
-
-def _root(args: argparse.Namespace) -> dict[str, str] | None:
-    """``--rootfs DIR`` or ``--image NAME``: the sandbox's root (None: the host's)."""
-    if args.rootfs is None and args.image is None:
-        return None
-    if args.sandbox == "none":
-        raise AgentCliError("--rootfs and --image need a sandbox: add --sandbox bwrap")
-    if args.image is not None:
-        return {"type": "image", "name": args.image}
-    return {"type": "dir", "path": str(args.rootfs.absolute())}
 
 
 async def _run_loop(

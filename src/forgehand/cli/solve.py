@@ -27,6 +27,35 @@ def add_sandbox(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_root(parser: argparse.ArgumentParser) -> None:
+    """``--rootfs DIR`` | ``--image NAME``: the sandbox's root file system (see `chosen_root`)."""
+    roots = parser.add_mutually_exclusive_group()
+    roots.add_argument(
+        "--rootfs",
+        type=Path,
+        metavar="DIR",
+        help="with a sandbox: run on this root filesystem's programs (an unpacked image)",
+    )
+    roots.add_argument(
+        "--image",
+        metavar="NAME",
+        help="with a sandbox: run on a container image in podman's local store (never pulled)",
+    )
+
+
+def chosen_root(args: argparse.Namespace) -> dict[str, str] | None:
+    """The root `add_root`'s options ask for, as a spec's root (None: the host's)."""
+    from forgehand.agent.workspaces import WorkspaceError
+
+    if args.rootfs is None and args.image is None:
+        return None
+    if args.sandbox == "none":
+        raise WorkspaceError("--rootfs and --image need a sandbox: add --sandbox bwrap")
+    if args.image is not None:
+        return {"type": "image", "name": args.image}
+    return {"type": "dir", "path": str(args.rootfs.absolute())}
+
+
 def register(commands: Any) -> None:
     solve = commands.add_parser("solve", help="turn an issue into a tested draft MR")
     solve.add_argument("issue", help="issue URL (GitLab, GitHub) or local:PATH#N")
@@ -37,6 +66,15 @@ def register(commands: Any) -> None:
     solve.add_argument("--config", type=Path, help="provider configuration file (YAML/JSON)")
     solve.add_argument("--forge-url", help="forge API URL (default: derived from the issue URL)")
     add_sandbox(solve)
+    add_root(solve)
+    solve.add_argument(
+        "--allow-image",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="a local image a repository may name as `image` in .forgehand/config.yml "
+        "(shell pattern, e.g. 'node:*'; repeatable; default: none)",
+    )
     solve.add_argument("--max-steps", type=int, default=50, help="model calls (default 50)")
     solve.add_argument("--max-cost", type=float, help="USD, at the configured prices")
     solve.add_argument("--max-tokens", type=int, help="input + output tokens")

@@ -101,12 +101,17 @@ class ImageRoot(_Strict):
     @field_validator("name")
     @classmethod
     def _valid_name(cls, name: str) -> str:
-        if not _IMAGE_RE.match(name):
-            raise ValueError(
-                f"{name!r} is not an image name such as 'debian:12' or 'localhost/app:1' "
-                "(letters, digits and . _ - / : @, not starting with - or .)"
-            )
-        return name
+        return image_name(name)
+
+
+def image_name(name: str) -> str:
+    """``name`` if it is a container image's name or id; ValueError saying why not."""
+    if not _IMAGE_RE.match(name):
+        raise ValueError(
+            f"{name!r} is not an image name such as 'debian:12' or 'localhost/app:1' "
+            "(letters, digits and . _ - / : @, not starting with - or .)"
+        )
+    return name
 
 
 class WorkDir(_Strict):

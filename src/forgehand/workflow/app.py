@@ -71,9 +71,18 @@ def choose_sandbox(requested: str) -> str:
 
 
 def build_workflow(
-    forge: Forge, home: Home, sandbox: str, agent: AgentOptions, progress: Progress
+    forge: Forge,
+    home: Home,
+    sandbox: str,
+    agent: AgentOptions,
+    progress: Progress,
+    *,
+    root: dict[str, str] | None = None,
+    allowed_images: tuple[str, ...] = (),
 ) -> Workflow:
-    options = WorkflowOptions(sandbox=sandbox, home=home.root)
+    options = WorkflowOptions(
+        sandbox=sandbox, home=home.root, root=root, allowed_images=allowed_images
+    )
     return Workflow(
         home.store(), MirrorCache(home.mirrors), forge, agent, options, progress=progress
     )

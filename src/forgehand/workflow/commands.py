@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -66,11 +67,30 @@ def forge_config(ref: IssueRef, url: str | None, home: Home) -> ForgeConfig:
     return GitHubConfig(url=url or default)
 
 
+_IMAGE_PATTERN = re.compile(r"^[A-Za-z0-9*?\[\]!][A-Za-z0-9._/:@*?\[\]!-]*$")
+
+
+def image_pattern(pattern: str) -> str:
+    """``pattern`` if it is a shell pattern over image names (``node:*``); ValueError if not."""
+    if not _IMAGE_PATTERN.match(pattern):
+        raise ValueError(
+            f"{pattern!r} is not a pattern over image names such as 'node:*' or "
+            "'localhost/ci-*:1' (image name characters plus * ? [ ] !)"
+        )
+    return pattern
+
+
 async def solve(args: argparse.Namespace) -> int:
     from forgehand.cli.agent_run import provider_config
+    from forgehand.cli.solve import chosen_root
 
     ref = IssueRef.parse(args.issue)
     home = _home(args)
+    root = chosen_root(args)
+    try:
+        allowed_images = tuple(image_pattern(p) for p in args.allow_image)
+    except ValueError as exc:
+        raise WorkspaceError(f"--allow-image: {exc}") from None
     sandbox = choose_sandbox(args.sandbox)
     config = provider_config(args)
     key = resolve_api_key(config, os.environ)
@@ -89,7 +109,9 @@ async def solve(args: argparse.Namespace) -> int:
     progress.note(f"model: {config.type} {config.model} (live); sandbox: {sandbox}")
     forge = open_forge(forge_config(ref, args.forge_url, home), ref.project)
     try:
-        workflow = build_workflow(forge, home, sandbox, agent, progress)
+        workflow = build_workflow(
+            forge, home, sandbox, agent, progress, root=root, allowed_images=allowed_images
+        )
         record = await workflow.solve(ref, args.requester)
     finally:
         await forge.aclose()

@@ -21,6 +21,7 @@ branch when there is one and the policy allows it.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from forgehand.agent.runner_executor import RunnerToolExecutor
 from forgehand.agent.step_tools import repository_executor
 from forgehand.agent.trajectory import Trajectory
 from forgehand.agent.workspace import GitError
-from forgehand.agent.workspaces import WorkspaceError, check_env
+from forgehand.agent.workspaces import NO_SANDBOX, WorkspaceError, check_env
 from forgehand.forge.base import AccessLevel, Forge, IssueRef, IssueState, NewMergeRequest, Reaction
 from forgehand.forge.errors import ForgeError
 from forgehand.runner.errors import RunnerError
@@ -103,11 +104,38 @@ class AgentOptions:
 
 @dataclass(frozen=True)
 class WorkflowOptions:
-    """Where runs happen: the sandbox backend (or none) and the state directory."""
+    """Where runs happen: the sandbox backend (or none), the state directory, and the
+    sandboxes' root file system: the operator's `root` (a spec's root, as in
+    `open_workspace`; None: the host's) unless the repository names an `image` matching
+    one of `allowed_images` (shell patterns; the operator's own image always matches)."""
 
     sandbox: str
     home: Path
     path_prefix: tuple[str, ...] = (str(Path(sys.executable).parent),)
+    root: dict[str, str] | None = None
+    allowed_images: tuple[str, ...] = ()
+
+    def root_for(self, image: str | None) -> dict[str, str] | None:
+        """The root a run's sandboxes get, given the repository's `image` (or None).
+        RunEnded(config_error) when the repository asks for what this forgehand cannot give."""
+        if image is None:
+            return self.root
+        if self.sandbox == NO_SANDBOX:
+            raise RunEnded(
+                Outcome.CONFIG_ERROR,
+                f"{CONFIG_PATH} asks for the image {image!r}, but this forgehand runs without "
+                "a sandbox (--sandbox none): run it with a sandbox, or remove `image`",
+            )
+        own = self.root is not None and self.root.get("name") == image
+        if not own and not any(fnmatch.fnmatchcase(image, p) for p in self.allowed_images):
+            allowed = ", ".join(self.allowed_images) or "none"
+            raise RunEnded(
+                Outcome.CONFIG_ERROR,
+                f"{CONFIG_PATH} asks for the image {image!r}, which the operator does not "
+                f"allow (allowed: {allowed}): ask them to add --allow-image {image}, or "
+                "remove `image`",
+            )
+        return {"type": "image", "name": image}
 
     def trajectory(self, run_id: str) -> Path:
         return self.home / "runs" / run_id / "trajectory.jsonl"
@@ -365,6 +393,7 @@ class Workflow:
                 commit,
                 path_prefix=self.options.path_prefix,
                 network=run.resolved.config.sandbox_network(),
+                root=self.options.root_for(run.resolved.config.image),
             )
         )
         check_env(session.space.env, self.secrets)
@@ -592,6 +621,7 @@ class Workflow:
             cost=agent["cost"],
             trajectory=agent["trajectory"],
             run_id=run.run_id,
+            sandbox=str(run.out(Phase.SETUP).get("sandbox") or ""),
         )
         title = texts.mr_title(number, guard["issue"]["title"])
         existing = await self.forge.find_mr_for_branch(branch)

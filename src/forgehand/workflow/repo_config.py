@@ -12,7 +12,13 @@ limits: {max_changed_files: 50, max_diff_bytes: 500000}
 network:                    # the sandbox reaches the package registries plus these hosts
   allow: [git.example.com, '*.example.org']
   read_only: false          # true: only GET, HEAD, OPTIONS over plain http; https refused
+image: node:20              # run on this container image, one the operator allows
 ```
+
+`image` names a container image already on the forgehand host (never pulled) whose file
+system the sandbox runs on, for a toolchain the host lacks. It needs bash and git (setup
+and test commands run in bash; the result is committed and bundled with git in the
+sandbox), and the operator must allow it (`forgehand solve --allow-image PATTERN`).
 
 Without the file, common projects are detected from the default branch's file list:
 Python with pytest (`python -m pytest -rA`) and Node (`npm test`). Nothing detected means
@@ -101,6 +107,16 @@ class RepoConfig(_Strict):
     budgets: RepoBudgets = RepoBudgets()
     limits: SizeLimits = SizeLimits()
     network: RepoNetwork = RepoNetwork()
+    image: str | None = Field(
+        default=None, description="a local container image the sandbox runs on (never pulled)"
+    )
+
+    @field_validator("image")
+    @classmethod
+    def _image_name(cls, name: str | None) -> str | None:
+        from forgehand.sandbox.spec import image_name
+
+        return None if name is None else image_name(name)
 
     def sandbox_network(self) -> ProxyNetwork:
         """The sandbox's network: the egress proxy with the registries plus `network.allow`,

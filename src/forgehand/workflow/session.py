@@ -106,16 +106,43 @@ async def open_session(
     *,
     path_prefix: Sequence[str] = (),
     network: NetworkPolicy | None = None,
+    root: dict[str, str] | None = None,
 ) -> AsyncIterator[Session]:
-    """A new sandbox with `commit` checked out on the default branch in `repo/`."""
+    """A new sandbox with `commit` checked out on the default branch in `repo/`, on the
+    host's root file system or on `root` (see `open_workspace`)."""
     async with (
         scratch_dir("fh-run-") as scratch,
-        open_workspace(kind, scratch, path_prefix=path_prefix, network=network) as space,
+        open_workspace(kind, scratch, path_prefix=path_prefix, network=network, root=root) as space,
     ):
         session = Session(space, scratch)
+        if root is not None and root.get("type", "host") != "host":
+            await check_root_tools(space, root)
         await seed_checkout(mirror, session.repo_host, commit)
         await asyncio.to_thread(give_to_owner_of, space.host_dir, session.repo_host)
         yield session
+
+
+async def check_root_tools(space: Workspace, root: dict[str, str]) -> None:
+    """Refuse a root file system that lacks what the run itself needs: bash (setup and
+    test commands run in it) and git (the result is committed and bundled in the sandbox)."""
+    result = await space.client.run(
+        RunSpec(
+            argv=("bash", "-c", "command -v git"),
+            cwd=space.sandbox_dir,
+            env=space.env,
+            timeout_seconds=60.0,
+        )
+    )
+    if result.ok:
+        return
+    what = f"the image {root['name']!r}" if "name" in root else f"the root {root.get('path')!r}"
+    found = (result.stdout + result.stderr).decode("utf-8", "replace").strip()
+    raise RunEnded(
+        Outcome.SETUP_FAILED,
+        f"{what} lacks bash or git, which every run needs (setup and test commands run in "
+        "bash; the result is committed and bundled with git in the sandbox): add both to it",
+        output=found[-3000:],
+    )
 
 
 async def run_setup(session: Session, commands: Sequence[str]) -> list[dict[str, Any]]:

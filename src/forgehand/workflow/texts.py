@@ -74,7 +74,9 @@ def mr_description(
     cost: str,
     trajectory: str,
     run_id: str,
+    sandbox: str = "",
 ) -> str:
+    where = [f"- sandbox: {sandbox}"] if sandbox else []
     return "\n".join(
         [
             "Draft opened by forgehand. A person must review it; the bot never merges.",
@@ -92,6 +94,7 @@ def mr_description(
             f"- run: `{run_id}`",
             f"- cost: {cost}",
             f"- trajectory: `{trajectory}`",
+            *where,
             "",
             f"Closes #{issue_number}",
         ]
