@@ -347,6 +347,51 @@ async def test_a_root_whose_etc_leads_out_of_it_shows_only_generated_files(
     assert {"passwd", "group", "hosts"} <= shown  # the generated ones
 
 
+MARKER_LIBRARY = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+__attribute__((constructor)) static void mark(void) {  /* a file per process that loads it */
+    char comm[32] = {0}, path[96];
+    int fd = open("/proc/self/comm", O_RDONLY);
+    if (fd >= 0) { read(fd, comm, sizeof comm - 1); close(fd); }
+    comm[strcspn(comm, "\n")] = 0;
+    snprintf(path, sizeof path, "/work/loaded-by-%s-%d", comm, (int)getpid());
+    close(open(path, O_WRONLY | O_CREAT, 0644));
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler for the library")
+@pytest.mark.parametrize("make", BACKENDS)
+async def test_the_roots_ld_so_preload_loads_nothing_into_the_runner(
+    make: Make, base: Path, tiny_root: Path
+) -> None:
+    """Every dynamic loader reads /etc/ld.so.preload, the runner's too: the root's would
+    run its code inside the runner (it did, before the file was left out)."""
+    root = base / "preloading-root"
+    shutil.copytree(tiny_root, root, symlinks=True, ignore=shutil.ignore_patterns("a-fifo"))
+    source = base / "marker.c"
+    source.write_text(MARKER_LIBRARY)
+    library = root / "lib" / "marker.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    library.chmod(0o755)
+    (root / "etc" / "ld.so.preload").write_text("/lib/marker.so\n")
+    backend = make(base / "state")
+    spec = make_spec(base, root, backend_name(backend))
+    async with backend.create(spec) as box:
+        result = await box.client.run(run_spec(spec, ["/bin/ls", "/etc"]))
+        step = await box.client.run(
+            RunSpec(step="builtin://read_file", step_inputs={"path": "x"}, step_work_dir="/work")
+        )
+        loaded = sorted(p.name for p in box.work_dir.glob("loaded-by-*"))  # gone after
+    assert loaded == []
+    assert step.step_result is not None  # the step engine ran, on the runner's loader
+    assert result.exit.code == 0, result.stderr
+    assert "ld.so.preload" not in result.stdout.decode().split()
+
+
 def test_an_oci_sandbox_refuses_to_copy_a_huge_etc(base: Path, tiny_root: Path) -> None:
     """gVisor and podman copy the root's /etc per sandbox: one stuffed with data (a sparse
     file here) must not fill the host's disk, sandbox after sandbox."""

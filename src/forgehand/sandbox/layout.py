@@ -18,7 +18,10 @@ its own userland (``runner_userland``): the host's /usr (and any unmerged ``/lib
 ``/opt/forgehand/host``, read-only, started through the host's own dynamic loader with the
 host's library directories and without the root's ``ld.so.cache`` (``module_argv``):
 no library of the root is ever loaded into the runner. The loader's options bind only
-that process; what the runner starts is linked as the root says. The same userland
+that process; what the runner starts is linked as the root says. No option turns off
+``/etc/ld.so.preload``, which every loader reads, so the root's is left out of the
+sandbox (``LOADER_ETC``): its runs do without it. The runner resolves no names (users,
+hosts), so the root's ``nsswitch.conf`` loads no module into it. The same userland
 exposes nothing new: a default sandbox sees the host's /usr at /usr.
 """
 
@@ -46,6 +49,9 @@ OWN_TOP = frozenset({"proc", "dev", "sys", "tmp", "run"})
 """Top-level directories every sandbox makes for itself, whatever the root holds."""
 GENERATED_ETC = frozenset({"passwd", "group", "hosts", "hostname", "resolv.conf"})
 """/etc files every sandbox gets from forgehand, never from the root or the host."""
+LOADER_ETC = frozenset({"ld.so.preload"})
+"""/etc files of a root left out: every dynamic loader reads them at start, the runner's
+too, so the root's ``ld.so.preload`` would load the root's libraries into the runner."""
 PT_INTERP = 3
 _SAFE_NAME = re.compile(r"^[^:,\x00-\x1f\x7f]+$")
 
@@ -86,7 +92,7 @@ def custom_root(spec: SandboxSpec) -> CustomRoot | None:
     base = spec.root.path
     top = _entries(base, PurePosixPath("/"), skip=OWN_TOP | {"etc", "opt"})
     opt = _entries(base / "opt", PurePosixPath("/opt"), skip={OPT.name})
-    etc = _entries(base / "etc", PurePosixPath("/etc"), skip=GENERATED_ETC)
+    etc = _entries(base / "etc", PurePosixPath("/etc"), skip=GENERATED_ETC | LOADER_ETC)
     hidden = {PurePosixPath(spec.work_dir.sandbox_path), *(m.destination for m in spec.ro_mounts)}
     root = CustomRoot(  # an entry the work dir or an extra mount covers is not bound
         binds=tuple(e for e in (*top, *opt) if isinstance(e, Bind) and e.target not in hidden),
