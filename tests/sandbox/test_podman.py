@@ -25,7 +25,13 @@ from forgehand.runner.model import ExitReason, RunSpec
 from forgehand.sandbox import cgroups, procs
 from forgehand.sandbox.backend import BACKENDS
 from forgehand.sandbox.errors import IsolationUnavailable
-from forgehand.sandbox.podman import PodmanBackend, PodmanConfig, SandboxState, check_host
+from forgehand.sandbox.podman import (
+    PodmanBackend,
+    PodmanConfig,
+    SandboxState,
+    check_host,
+    hybrid_cgroups,
+)
 from forgehand.sandbox.rootfs import SANDBOX_UID, is_mount_point
 from forgehand.sandbox.sockets import PinnedSocketConnector
 from forgehand.sandbox.spec import SandboxSpec
@@ -66,6 +72,38 @@ def test_missing_runsc_names_the_package() -> None:
     status = PodmanBackend(PodmanConfig(podman="podman-not-installed")).availability()
     assert not status.available
     assert "apt-get install -y podman runc" in status.detail
+
+
+def test_hybrid_cgroups_are_told_apart(tmp_path: Path) -> None:
+    busy, idle = tmp_path / "unified", tmp_path / "empty"
+    for mount, controllers in ((busy, "memory pids\n"), (idle, "\n")):
+        mount.mkdir()
+        (mount / "cgroup.controllers").write_text(controllers)
+    v1 = "cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\n"
+    assert hybrid_cgroups(v1 + f"cgroup2 {busy} cgroup2 rw 0 0\n")
+    assert not hybrid_cgroups(v1 + f"cgroup2 {idle} cgroup2 rw 0 0\n")  # v2 without controllers
+    assert not hybrid_cgroups(f"cgroup2 {busy} cgroup2 rw 0 0\n")  # pure v2
+    assert not hybrid_cgroups(v1)  # pure v1
+
+
+def test_crun_where_it_cannot_run_is_unavailable_saying_so() -> None:
+    """crun refuses a hybrid layout at `podman run`, with an error that named runc; the
+    backend now says so before any start."""
+    if shutil.which("crun") is None:
+        pytest.skip("crun is not installed")
+    status = PodmanBackend(PodmanConfig(runtime="crun")).availability()
+    if hybrid_cgroups():
+        assert not status.available
+        assert "crun refuses this machine's hybrid cgroup layout" in status.detail
+        assert "use runtime runc" in status.detail
+    else:
+        assert status.available, status.detail
+
+
+def test_a_missing_runtime_names_its_package() -> None:
+    status = PodmanBackend(PodmanConfig(runtime="no-such-runtime")).availability()
+    assert not status.available
+    assert "apt-get install -y no-such-runtime" in status.detail
 
 
 async def test_output_is_byte_exact_with_exit_codes(base: Path) -> None:

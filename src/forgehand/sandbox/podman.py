@@ -124,7 +124,14 @@ def check_host(config: PodmanConfig) -> str:
     if podman is None:
         raise BackendUnavailable(f"podman not found: {INSTALL_HINT}")
     if shutil.which(config.runtime) is None:
-        raise BackendUnavailable(f"OCI runtime {config.runtime} not found: {INSTALL_HINT}")
+        raise BackendUnavailable(
+            f"OCI runtime {config.runtime} not found: run `apt-get install -y {config.runtime}`"
+        )
+    if Path(config.runtime).name == "crun" and hybrid_cgroups():
+        raise BackendUnavailable(
+            "crun refuses this machine's hybrid cgroup layout (v1 controllers mounted beside "
+            "a v2 tree that has controllers): use runtime runc"
+        )
     if os.geteuid() != 0:
         raise BackendUnavailable("the podman backend runs rootful podman: run as root")
     rootfs.RunnerInstall.current().check()
@@ -133,6 +140,23 @@ def check_host(config: PodmanConfig) -> str:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise BackendUnavailable(f"podman does not run ({exc}): {INSTALL_HINT}") from exc
     return f"{done.stdout.strip()} with {config.runtime}"
+
+
+def hybrid_cgroups(mounts: str | None = None) -> bool:
+    """Whether cgroup v1 controllers are mounted beside a cgroup v2 tree that has
+    controllers of its own (``/proc/self/mounts``, or ``mounts``): crun refuses that."""
+    text = mounts if mounts is not None else Path("/proc/self/mounts").read_text()
+    fields = [line.split() for line in text.splitlines()]
+    v1 = any(len(f) >= 3 and f[2] == "cgroup" for f in fields)
+    v2 = [Path(f[1]) for f in fields if len(f) >= 3 and f[2] == "cgroup2"]
+    return v1 and any(_has_controllers(mount) for mount in v2)
+
+
+def _has_controllers(mount: Path) -> bool:
+    try:
+        return bool((mount / "cgroup.controllers").read_text().split())
+    except OSError:
+        return False
 
 
 def check_spec(spec: SandboxSpec) -> None:
@@ -422,7 +446,8 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         text = await rootfs.blocking(rootfs.tail, self._dir / "runner.log")
         return SandboxLaunchError(
             f"podman sandbox {self._id}: {what}; runner output: {text or '(empty)'}; check "
-            f"that {rootfs.RUNNER_PYTHON} can import forgehand and that runc is installed"
+            f"that {rootfs.RUNNER_PYTHON} can import forgehand and that {self.config.runtime} "
+            "is installed"
         )
 
     async def _read_achieved(self) -> Achieved:
