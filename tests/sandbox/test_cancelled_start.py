@@ -69,6 +69,12 @@ def _step_name(first: Any, args: tuple[Any, ...]) -> str:
     return getattr(first, "__qualname__", None) or " ".join(first[:2])
 
 
+def _holds() -> list[str]:
+    """The image roots' hold containers on this machine (``sandbox.images``)."""
+    argv = ["podman", "ps", "--all", "--filter", f"label={images.HOLD_LABEL}", "--quiet"]
+    return subprocess.run(argv, capture_output=True, text=True).stdout.split()
+
+
 def _podman_mounted() -> str:
     return subprocess.run(["podman", "image", "mount"], capture_output=True, text=True).stdout
 
@@ -162,4 +168,5 @@ async def test_a_start_cancelled_after_any_step_leaves_nothing_behind(
         assert _groups() <= groups_before, where
         if root == "image":
             assert IMAGE not in _podman_mounted(), f"{where}: {cut.steps}"
+            assert _holds() == [], f"{where}: a hold container stayed: {cut.steps}"
     pytest.fail(f"{name}: no start completed within {MAX_STEPS} steps")

@@ -21,7 +21,7 @@ from sandbox_support import backend_params, build_tiny_root
 from sandbox_support import tiny_image as import_tiny_image
 
 from forgehand.runner.model import RunSpec
-from forgehand.sandbox import rootfs
+from forgehand.sandbox import images, rootfs
 from forgehand.sandbox.backend import Sandbox, SandboxBackend
 from forgehand.sandbox.bwrap_backend import BwrapBackend, BwrapBackendConfig
 from forgehand.sandbox.errors import SandboxLaunchError
@@ -74,6 +74,13 @@ def podman_mounted_images() -> str:
     return listing.stdout
 
 
+def podman_containers() -> list[str]:
+    listing = subprocess.run(
+        ["podman", "ps", "--all", "--format", "{{.Names}}"], capture_output=True, text=True
+    )
+    return listing.stdout.split()
+
+
 @pytest.fixture
 def base() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="fh-croot-", dir="/tmp"))
@@ -107,7 +114,8 @@ async def sandbox(
     leftovers = Path("/proc/self/mounts").read_text().splitlines()
     assert not [m for m in leftovers if f" {base}/" in m], "a mount outlived the sandbox"
     if root["type"] == "image":
-        assert root["name"] not in podman_mounted_images()  # podman's own mount released
+        assert root["name"] not in podman_mounted_images()
+        assert not [c for c in podman_containers() if c.startswith("forgehand-image-")]
 
 
 def backend_name(backend: SandboxBackend) -> str:
@@ -294,10 +302,13 @@ async def test_gc_detaches_the_image_a_crashed_owner_left(base: Path, tiny_image
     subprocess.run(owner, check=True, timeout=120)
     backend = BwrapBackend(BwrapBackendConfig(state_dir=state))
     (leftover,) = await backend.list_sandboxes()
-    bound = backend.registry.directory(leftover.sandbox_id) / "image"
+    directory = backend.registry.directory(leftover.sandbox_id)
+    bound, hold = directory / "image", images.hold_name(directory)
     assert f" {bound} " in Path("/proc/self/mounts").read_text()
+    assert hold in podman_containers()
     await backend.reap()
     assert f" {bound} " not in Path("/proc/self/mounts").read_text()
+    assert hold not in podman_containers()  # the image is free to remove again
     assert await backend.list_sandboxes() == []
 
 

@@ -1,15 +1,14 @@
-"""podman's mount count of an image is shared: a sandbox start gives back exactly the
-count it raised, whoever else mounts the image (``sandbox.images``).
+"""An image root is held by a container of the sandbox's own (``sandbox.images``).
 
-An operator (here: the test) holds a ``podman image mount`` of the image. Whatever way a
-start ends, cancelled or not, the operator's mount must still be there afterwards, and
-once the operator unmounts, nothing of the start's may keep the image mounted."""
+podman removes a mounted image without a word, and an image's mount count is shared by
+everyone who mounts it. So a sandbox holds its image with a never-started container:
+podman refuses to remove the image while it exists, and the container's mount is the
+sandbox's alone. Whatever step a start is cut at, ``release`` leaves nothing behind, and
+an operator's own mount of the image is never touched."""
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import os
 import shutil
 import subprocess
 import tempfile
@@ -20,170 +19,157 @@ from typing import Any
 import pytest
 from sandbox_support import tiny_root_archive
 
-from forgehand.sandbox import images, readonly_views, rootfs
+from forgehand.runner.model import RunSpec
+from forgehand.sandbox import images, readonly_views
+from forgehand.sandbox.bwrap_backend import BwrapBackend, BwrapBackendConfig
+from forgehand.sandbox.spec import SandboxSpec
 
 pytestmark = pytest.mark.needs_root
 
-IMAGE = "localhost/forgehand-test-mount-count:1"
-SIBLING = "localhost/forgehand-test-mount-count-sibling:1"
-"""Another image on the same top layer (only its config differs): one mount count."""
+IMAGE = "localhost/forgehand-test-image-hold:1"
 
 
-def podman(*arguments: str) -> str:
-    done = subprocess.run(["podman", *arguments], capture_output=True, text=True, check=True)
-    return done.stdout.strip()
+def podman(*arguments: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["podman", *arguments], capture_output=True, text=True, check=check)
 
 
 def image_id(name: str) -> str:
-    return podman("image", "inspect", "--format", "{{.Id}}", name)
+    return podman("image", "inspect", "--format", "{{.Id}}", name).stdout.strip()
 
 
 def mounted(name: str) -> bool:
-    return image_id(name) in podman("image", "mount", "--format", "json")
+    return image_id(name) in podman("image", "mount", "--format", "json").stdout
 
 
-@pytest.fixture(scope="module")
-def image() -> Iterator[str]:
-    """``IMAGE`` and ``SIBLING``, imported from one archive (nothing is pulled)."""
-    archive = tiny_root_archive()
-    for name, change in ((IMAGE, "LABEL role=image"), (SIBLING, "LABEL role=sibling")):
-        subprocess.run(
-            ["podman", "import", "--change", change, "-", name],
-            input=archive,
-            capture_output=True,
-            check=True,
-        )
-    try:
-        yield IMAGE
-    finally:
-        for name in (IMAGE, SIBLING):
-            subprocess.run(["podman", "image", "unmount", "--force", name], capture_output=True)
-            subprocess.run(["podman", "rmi", "--force", name], capture_output=True)
+def holds() -> list[str]:
+    """The hold containers on this machine (``podman ps --all`` by their label)."""
+    listing = podman(
+        "ps", "--all", "--filter", f"label={images.HOLD_LABEL}", "--format", "{{.Names}}"
+    )
+    return listing.stdout.split()
 
 
 @pytest.fixture
-def operator(image: str) -> Iterator[str]:
-    """The operator's own mount of the image, held for the test; afterwards the operator
-    unmounts once, and then the image must not be mounted by anyone."""
-    podman("image", "mount", image)
+def image() -> Iterator[str]:
+    """``IMAGE``, imported for the test (nothing is pulled); afterwards it must be
+    removable without force: nothing may hold it any more."""
+    archive = tiny_root_archive()
+    subprocess.run(["podman", "import", "-", IMAGE], input=archive, capture_output=True, check=True)
     try:
-        yield image
+        yield IMAGE
     finally:
-        podman("image", "unmount", image)
-        assert not mounted(image), "a start left podman's mount count raised"
+        removed = podman("rmi", IMAGE, check=False)
+        podman("rmi", "--force", IMAGE, check=False)
+        assert removed.returncode == 0, f"the image was still held: {removed.stderr}"
 
 
 @pytest.fixture
 def directory() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="fh-imount-", dir="/tmp"))
+    path = Path(tempfile.mkdtemp(prefix="fh-ihold-", dir="/tmp"))
     yield path
-    rootfs.release_image(path)
+    images.release(path)
     shutil.rmtree(path, ignore_errors=True)
+    assert images.hold_name(path) not in holds()
 
 
 Podman = Callable[..., Awaitable[str]]
 
 
-def on_mount(
-    monkeypatch: pytest.MonkeyPatch, step: Callable[[Podman, tuple[Any, ...]], Any]
-) -> None:
-    """Route ``podman image mount <id>`` through ``step(real, arguments)``."""
+def cut_after(monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    """Let ``podman <command> …`` run, then cut the start off as a cancel would."""
     real: Podman = images._podman
 
     async def podman_(binary: str, *arguments: str) -> str:
-        if arguments[:2] == ("image", "mount") and "--format" not in arguments:
-            result: str = await step(real, (binary, *arguments))
-            return result
-        return await real(binary, *arguments)
+        result: str = await real(binary, *arguments)
+        if arguments[0] == command:
+            raise asyncio.CancelledError
+        return result
 
     monkeypatch.setattr(images, "_podman", podman_)
 
 
-async def test_the_root_is_the_image_that_was_mounted(image: str, directory: Path) -> None:
-    path, mounted_image = await images.mount(directory, image)
-    assert mounted_image.id == image_id(image)
-    assert str(mounted_image) == f"image {image} (sha256:{image_id(image)[:12]})"
+async def test_the_root_is_the_image_resolved_once_and_held(image: str, directory: Path) -> None:
+    path, held = await images.mount(directory, image)
+    assert held.id == image_id(image)
+    assert str(held) == f"image {image} (sha256:{image_id(image)[:12]})"
     assert (path / "etc" / "os-release").read_text().startswith("ID=tiny")
     assert readonly_views.is_read_only(path)
-    assert not mounted(image)  # podman's own mount given back, the bind holds it
+    assert images.hold_name(directory) in holds()
+    assert not mounted(image)  # the image's own mount count is nobody's business here
+    images.release(directory)
+    assert images.hold_name(directory) not in holds()
+    assert not (path / "etc").exists()
 
 
-async def test_an_operators_mount_survives_a_start_cut_off_before_podman_mounted(
-    operator: str, directory: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("command", ["create", "mount"])
+async def test_a_start_cut_off_at_any_podman_step_leaves_nothing(
+    image: str, directory: Path, monkeypatch: pytest.MonkeyPatch, command: str
 ) -> None:
-    """The race: cancelled before podman mounted, a start must not give back a count it
-    never raised, which would unmount the operator's image."""
-
-    async def cut_off_before(real: Podman, arguments: tuple[Any, ...]) -> str:
-        raise asyncio.CancelledError
-
-    on_mount(monkeypatch, cut_off_before)
+    cut_after(monkeypatch, command)
     with pytest.raises(asyncio.CancelledError):
-        await images.mount(directory, operator)
-    assert mounted(operator)
+        await images.mount(directory, image)
+    assert images.hold_name(directory) in holds()  # made, and recorded before it was
+    images.release(directory)
+    assert images.hold_name(directory) not in holds()  # the image fixture removes it
 
 
-async def test_a_start_cancelled_while_podman_mounts_gives_back_exactly_its_count(
-    operator: str, directory: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    started = asyncio.Event()
-
-    async def signal_then_mount(real: Podman, arguments: tuple[Any, ...]) -> str:
-        started.set()
-        return await real(*arguments)
-
-    on_mount(monkeypatch, signal_then_mount)
-    start = asyncio.ensure_future(images.mount(directory, operator))
-    await started.wait()
+async def test_a_cancel_lets_podman_finish_what_it_started(image: str, directory: Path) -> None:
+    """podman killed halfway through making a container may leave storage that
+    ``podman rm`` does not know: a cancel waits for the command, then ends the start."""
+    start = asyncio.ensure_future(images.mount(directory, image))
+    while not (directory / images.HOLD_FILE).exists():
+        await asyncio.sleep(0.005)
     start.cancel()
     with pytest.raises(asyncio.CancelledError):
         await start
-    assert mounted(operator)  # and the operator's unmount (the fixture) unmounts it
+    images.release(directory)
+    assert images.hold_name(directory) not in holds()
 
 
-async def test_a_start_cut_off_after_podman_mounted_gives_its_count_back(
+async def test_an_operators_mount_of_the_image_is_never_touched(
     image: str, directory: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """podman mounted, but its answer was lost: the image was unmounted before and is
-    mounted now, so the count is this start's."""
-
-    async def answer_lost(real: Podman, arguments: tuple[Any, ...]) -> str:
-        await real(*arguments)
-        raise asyncio.CancelledError
-
-    on_mount(monkeypatch, answer_lost)
-    with pytest.raises(asyncio.CancelledError):
+    podman("image", "mount", image)
+    try:
         await images.mount(directory, image)
+        images.release(directory)
+        cut_after(monkeypatch, "create")
+        with pytest.raises(asyncio.CancelledError):
+            await images.mount(directory, image)
+        images.release(directory)
+        assert mounted(image)
+    finally:
+        podman("image", "unmount", image)
     assert not mounted(image)
 
 
-async def test_images_on_one_layer_mount_one_at_a_time(image: str, directory: Path) -> None:
-    """The sibling shares the image's top layer, hence its mount count and its lock: while
-    the lock is held elsewhere, a start of the sibling waits and leaves podman alone."""
-    binary = images.find_podman()
-    first, second = [await images._inspect(binary, name) for name in (image, SIBLING)]
-    assert first.id != second.id
-    assert first.lock_file == second.lock_file
-    first.lock_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    holder = os.open(first.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    fcntl.flock(holder, fcntl.LOCK_EX)
-    start = asyncio.ensure_future(images.mount(directory, SIBLING))
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap")
+async def test_an_image_in_use_cannot_be_removed_under_its_sandbox(image: str) -> None:
+    """It could: podman removed the image of a running sandbox, whose every later command
+    then failed with "No such file or directory"."""
+    base = Path(tempfile.mkdtemp(prefix="fh-ihold-", dir="/tmp"))
+    base.chmod(0o711)
+    spec = SandboxSpec.model_validate(
+        {"work_dir": {"host_path": str(base / "work")}, "root": {"type": "image", "name": image}}
+    )
     try:
-        await waiting_on(first.lock_file)
-        assert not mounted(SIBLING)
+        async with BwrapBackend(BwrapBackendConfig(state_dir=base / "state")).create(spec) as box:
+            refused = podman("rmi", image, check=False)
+            result = await box.client.run(RunSpec(argv=("/bin/ls", "/bin"), cwd="/work"))
+        assert refused.returncode != 0
+        assert "in use by a container" in refused.stderr
+        assert result.exit.code == 0, result.stderr
+        assert "cat" in result.stdout.decode().split()
     finally:
-        os.close(holder)
-        path, _ = await start
-    assert (path / "etc" / "os-release").exists()
-    assert not mounted(SIBLING)
+        shutil.rmtree(base, ignore_errors=True)
+    # The image fixture then removes the image without force: nothing holds it any more.
 
 
-async def waiting_on(lock_file: Path) -> None:
-    """Return once someone waits for the flock on ``lock_file`` (``/proc/locks``)."""
-    inode = f":{os.stat(lock_file).st_ino} "
-    for _ in range(3000):
-        locks = Path("/proc/locks").read_text().splitlines()
-        if any("->" in line and "FLOCK" in line and inode in line for line in locks):
-            return
-        await asyncio.sleep(0.01)
-    pytest.fail(f"nobody waited for {lock_file}")
+def test_release_of_a_sandbox_without_an_image_runs_no_podman(
+    directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_podman(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("podman was run for a sandbox that holds no image")
+
+    monkeypatch.setattr(subprocess, "run", no_podman)
+    images.release(directory)

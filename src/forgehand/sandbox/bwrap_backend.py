@@ -577,7 +577,7 @@ class BwrapRunnerSandbox:
             self._sock_mounted = False
 
     async def _release_image(self) -> None:
-        await asyncio.to_thread(rootfs.release_image, self._dir)
+        await asyncio.to_thread(images.release, self._dir)
 
     async def _close_box(self) -> None:
         if self._box is not None:
@@ -682,7 +682,7 @@ def _reap_entry(registry: Registry, entry: Entry) -> None:
     if entry.work_dir_made:
         with contextlib.suppress(FileNotFoundError):
             work.rmdir()
-    rootfs.release_image(registry.directory(entry.sandbox_id))
+    images.release(registry.directory(entry.sandbox_id))
     registry.remove(entry.sandbox_id)
 
 

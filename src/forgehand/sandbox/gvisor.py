@@ -753,7 +753,7 @@ async def reap_entry(config: GVisorConfig, registry: Registry, entry: Entry) -> 
     await rootfs.blocking(
         readonly_views.release_below, registry.directory(entry.sandbox_id) / VIEWS
     )
-    await rootfs.blocking(rootfs.release_image, registry.directory(entry.sandbox_id))
+    await rootfs.blocking(images.release, registry.directory(entry.sandbox_id))
     await rootfs.unmount_sock_dir(registry.directory(entry.sandbox_id) / "sock")
     await rootfs.unmount_work_dir(Path(entry.work_dir), entry.work_dir_made)
     await rootfs.blocking(registry.remove, entry.sandbox_id)

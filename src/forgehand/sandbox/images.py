@@ -4,28 +4,28 @@ forgehand never pulls: the image must already be in this machine's (rootful) pod
 put there by ``podman pull``, ``podman load`` or ``podman import``. At start, the image's
 name is resolved to its ID once (``podman image inspect``); from there on everything names
 the image by that ID, so a re-tag meanwhile cannot swap the image or make ``Achieved.root``
-lie. podman mounts the image (``podman image mount``), the sandbox binds that mount
-read-only, nosuid and nodev into its own directory (``<state>/<id>/image``), and podman's
-mount is released at once: the bind keeps the image's file system alive for this sandbox
-alone, whatever other sandboxes or podman do with the image meanwhile. From there on the
-image is a ``root: dir`` (``forgehand.sandbox.layout``). Destroy and ``forgehand sandbox
-gc`` detach the bind (``rootfs.release_image``).
+lie.
 
-podman counts the mounts of an image's top layer (images that share it share the count),
-and anyone may raise or lower that count. So the mount, bind and unmount of one layer run
-under an exclusive lock (``LOCK_DIR``) that every forgehand process takes, and the unmount
-lowers the count only when this start raised it: podman said it mounted (a cancel lets
-``podman image mount`` finish, so it always says), or, when podman's answer was lost, the
-image was unmounted before and is mounted now. Another start's count, or one an operator
-raised before this start, is never lowered; at worst a start whose answer was lost while
-the image was mounted already leaves one count raised (the image stays mounted).
+The sandbox then creates a *hold container* of the image, never started (``podman create``,
+named after the sandbox's directory, ``hold_name``), mounts that container's file system
+(``podman mount``) and binds it read-only, nosuid and nodev into its own directory
+(``<state>/<id>/image``). From there on the image is a ``root: dir``
+(``forgehand.sandbox.layout``). Why a container, and not ``podman image mount``:
+
+- podman refuses to remove an image a container uses, so the image stays while the
+  sandbox runs. It removes a mounted image without a word (even without ``--force``),
+  and the sandbox's root then vanished under it.
+- The container's mount count is the sandbox's alone. An image's mount count is shared
+  by everyone who mounts it, and a cancelled start could not tell whether it had raised it.
+
+The directory records the hold's name (``HOLD_FILE``) before the container is created.
+Destroy and ``forgehand sandbox gc`` (``release``) detach the bind and remove the
+container (``podman rm --force`` unmounts it), whatever step a start was cut at.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -41,9 +41,10 @@ from forgehand.sandbox.errors import BackendUnavailable, SandboxLaunchError
 from forgehand.sandbox.spec import DirRoot, ImageRoot, SandboxSpec
 
 PODMAN_TIMEOUT_SECONDS = 120.0
-LOCK_DIR = Path("/run/forgehand/image-mounts")
-"""One lock file per image layer podman mounts, shared by every forgehand process on the
-machine (not per backend state dir: podman's store is the machine's)."""
+HOLD_FILE = "image-hold"
+"""In a sandbox's directory: the name of its hold container, written before it is made."""
+HOLD_LABEL = "forgehand.image-hold"
+"""Label of every hold container; its value is the sandbox directory that holds it."""
 _IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -64,14 +65,7 @@ class Image:
 
     name: str
     id: str
-    """The full image ID (64 hex): what is mounted and reported."""
-    layer: str
-    """What names the top layer, whose mount count podman keeps (the lock's key)."""
-
-    @property
-    def lock_file(self) -> Path:
-        """The lock the mounts of this image's top layer run under."""
-        return LOCK_DIR / f"{hashlib.sha256(self.layer.encode()).hexdigest()[:32]}.lock"
+    """The full image ID (64 hex): what the hold container is made of, and reported."""
 
     def __str__(self) -> str:
         return f"image {self.name} (sha256:{self.id[:12]})"
@@ -80,7 +74,7 @@ class Image:
 async def as_dir_root(spec: SandboxSpec, directory: Path, podman: str = "podman") -> ResolvedRoot:
     """``spec`` with a ``root: image`` replaced by the directory the image is bound at
     (``directory/image``); any other spec as it is. ``directory`` must be recorded in the
-    registry already: from the bind on, ``release`` (destroy, gc) owns it."""
+    registry already: from the hold's record on, ``release`` (destroy, gc) owns it."""
     if isinstance(spec.root, ImageRoot):
         path, image = await mount(directory, spec.root.name, podman)
         return ResolvedRoot(spec.model_copy(update={"root": DirRoot(path=path)}), str(image))
@@ -89,96 +83,76 @@ async def as_dir_root(spec: SandboxSpec, directory: Path, podman: str = "podman"
     return ResolvedRoot(spec, "host")
 
 
+def hold_name(directory: Path) -> str:
+    """The hold container of the sandbox whose directory is ``directory``."""
+    return "forgehand-image-" + hashlib.sha256(str(directory).encode()).hexdigest()[:20]
+
+
 async def mount(directory: Path, name: str, podman: str = "podman") -> tuple[Path, Image]:
-    """Bind the local image ``name`` read-only at ``directory/image``; that path and the
-    image bound there."""
-    binary = await asyncio.to_thread(find_podman, podman)  # missing: say so, unmount nothing
+    """Bind the local image ``name`` read-only at ``directory/image``, held by a container
+    of this sandbox's own; that path and the image bound there."""
+    binary = await asyncio.to_thread(find_podman, podman)  # missing: say so, hold nothing
     image = await _inspect(binary, name)
+    hold = hold_name(directory)
+    await rootfs.blocking((directory / HOLD_FILE).write_text, hold + "\n")
+    await _finished(
+        binary,
+        *("create", "--pull", "never", "--name", hold, "--label", f"{HOLD_LABEL}={directory}"),
+        *("--network", "none", "--entrypoint", "/nonexistent", image.id),
+    )
+    merged = Path(await _finished(binary, "mount", hold))
+    if not merged.is_absolute():
+        raise SandboxLaunchError(f"`podman mount` of image {image.name} gave no path: {merged}")
     target = directory / rootfs.IMAGE_DIR
-    lock = _LayerLock(image.lock_file)
-    try:
-        await rootfs.blocking(lock.acquire)  # a cancel waits for the lock, then lets go
-        await _mount_and_bind(binary, image, target)
-    finally:
-        lock.release()
+    await rootfs.blocking(readonly_views.bind_read_only, merged, target)
     return target, image
 
 
-async def _mount_and_bind(binary: str, image: Image, target: Path) -> None:
-    """Under the layer's lock: mount, bind, and give podman's mount back."""
-    before = await _is_mounted(binary, image.id)
-    # Not cancelled with its caller: how podman ends says whether it raised the count.
-    mounting = asyncio.ensure_future(_podman(binary, "image", "mount", image.id))
-    try:
-        merged = Path(await asyncio.shield(mounting))
-        if not merged.is_absolute():
-            raise SandboxLaunchError(f"`podman image mount {image.name}` gave no path: {merged}")
-        await rootfs.blocking(readonly_views.bind_read_only, merged, target)
-    finally:
-        # Our bind holds the image's file system now; podman's own mount is not needed.
-        await rootfs.uncancellable(_give_back(binary, image.id, mounting, before=before))
+def release(directory: Path, podman: str = "podman") -> None:
+    """Detach the image bound in the sandbox directory ``directory`` and remove its hold
+    container, if any. Blocking; safe to repeat, and after a start cut at any step."""
+    rootfs.release_image(directory)
+    record = directory / HOLD_FILE
+    if not record.exists():
+        return
+    binary = shutil.which(podman)
+    if binary is None:
+        raise SandboxLaunchError(
+            f"cannot remove the hold container {hold_name(directory)}: podman is gone"
+        )
+    done = subprocess.run(
+        [binary, "rm", "--force", "--ignore", "--time", "0", hold_name(directory)],
+        capture_output=True,
+        text=True,
+        timeout=PODMAN_TIMEOUT_SECONDS,
+        env=_podman_env(),
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SandboxLaunchError(
+            f"`podman rm {hold_name(directory)}` failed: {done.stderr.strip()[:300]}"
+        )
+    record.unlink()
 
 
-async def _give_back(
-    binary: str, image_id: str, mounting: asyncio.Future[str], *, before: bool
-) -> None:
-    """Lower the mount count if this start raised it: podman said it mounted, or, its
-    answer lost, the image was unmounted before and is mounted now."""
-    await asyncio.wait([mounting])
-    raised = not mounting.cancelled() and mounting.exception() is None
-    if not raised and not before:
-        with contextlib.suppress(SandboxLaunchError, OSError):
-            raised = await _is_mounted(binary, image_id)
-    if raised:
-        await _podman_quietly(binary, "image", "unmount", image_id)
+async def _finished(binary: str, *arguments: str) -> str:
+    """``_podman``, left to finish when its caller is cancelled: podman killed halfway
+    through making a container may leave storage that ``podman rm`` does not know."""
+    return await rootfs.uncancellable(_podman(binary, *arguments))
 
 
 async def _inspect(binary: str, name: str) -> Image:
-    """``name`` resolved by podman: its ID and top layer."""
+    """``name`` resolved by podman to its ID."""
     text = await _podman(binary, "image", "inspect", name)
     try:
-        found: Any = json.loads(text)[0]
-        image_id, driver = found["Id"], found["GraphDriver"]
+        image_id: Any = json.loads(text)[0]["Id"]
     except (ValueError, LookupError, TypeError) as exc:
         raise SandboxLaunchError(
             f"`podman image inspect {name}` gave no image: {text[:200]}"
         ) from exc
     if not isinstance(image_id, str) or not _IMAGE_ID.match(image_id):
         raise SandboxLaunchError(f"`podman image inspect {name}` gave an odd ID: {image_id!r}")
-    # overlay names the top layer's dir; other drivers: one lock for every image.
-    layer = (driver.get("Data") or {}).get("UpperDir") if isinstance(driver, dict) else None
-    return Image(name, image_id, layer if isinstance(layer, str) and layer else "any-layer")
-
-
-async def _is_mounted(binary: str, image_id: str) -> bool:
-    """Whether podman has the image mounted (by anyone; images sharing its top layer
-    show as mounted with it)."""
-    text = await _podman(binary, "image", "mount", "--format", "json")
-    try:
-        listed: Any = json.loads(text) if text else []
-    except ValueError as exc:
-        raise SandboxLaunchError(f"`podman image mount` listed no JSON: {text[:200]}") from exc
-    return any(isinstance(entry, dict) and entry.get("id") == image_id for entry in listed)
-
-
-class _LayerLock:
-    """An exclusive flock on a lock file. ``acquire`` blocks (run it in a thread) and
-    keeps its descriptor here, so a caller cut off meanwhile can still ``release`` it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd = -1
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        self.fd = os.open(self.path, flags, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)  # and with it the flock
-            self.fd = -1
+    return Image(name, image_id)
 
 
 def find_podman(podman: str = "podman") -> str:
@@ -204,7 +178,7 @@ def availability(podman: str = "podman") -> tuple[bool, str]:
             capture_output=True,
             text=True,
             timeout=PODMAN_TIMEOUT_SECONDS,
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"},
+            env=_podman_env(),
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -227,7 +201,7 @@ async def _podman(binary: str, *arguments: str) -> str:
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"},
+        env=_podman_env(),
     )
     try:
         async with asyncio.timeout(PODMAN_TIMEOUT_SECONDS):
@@ -250,7 +224,5 @@ async def _podman(binary: str, *arguments: str) -> str:
     return out.decode(errors="replace").strip()
 
 
-async def _podman_quietly(binary: str, *arguments: str) -> None:
-    # A podman mount left counted keeps the image mounted; nothing else is lost.
-    with contextlib.suppress(SandboxLaunchError, OSError):
-        await _podman(binary, *arguments)
+def _podman_env() -> dict[str, str]:
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}

@@ -283,6 +283,7 @@ class PodmanSandbox(rootfs.ManagedSandbox):
         self._proxy: EgressProxy | None = None
         self._sandbox_root: rootfs.SandboxRoot | None = None
         self._root_shown = ""
+        self.image_podman = config.podman
         self._achieved: Achieved | None = None
         self._ended: SandboxEnd | None = None
         self._work_made = False
@@ -577,7 +578,7 @@ async def reap_entry(config: PodmanConfig, registry: Registry, entry: Entry) -> 
     """Remove what a dead owner left: the container, the socket and work dir mounts, the
     state dir."""
     await remove_container(config, entry.sandbox_id)
-    await rootfs.blocking(rootfs.release_image, registry.directory(entry.sandbox_id))
+    await rootfs.blocking(images.release, registry.directory(entry.sandbox_id), config.podman)
     await rootfs.unmount_sock_dir(registry.directory(entry.sandbox_id) / "sock")
     await rootfs.unmount_work_dir(Path(entry.work_dir), entry.work_dir_made)
     await rootfs.blocking(registry.remove, entry.sandbox_id)

@@ -615,11 +615,11 @@ async def blocking(fn: Callable[..., T], /, *args: Any) -> T:
     return await finishing(asyncio.to_thread(fn, *args))
 
 
-async def uncancellable(coro: Coroutine[Any, Any, None]) -> None:
+async def uncancellable(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to its end even if the caller is cancelled meanwhile (then re-raise)."""
     task = asyncio.ensure_future(coro)
     try:
-        await asyncio.shield(task)
+        return await asyncio.shield(task)
     except asyncio.CancelledError:
         await task
         raise
@@ -669,6 +669,8 @@ class ManagedSandbox:
     _sock_mounted: bool
     _work_made: bool
     _work_mounted: bool
+    image_podman = "podman"
+    """The podman whose store an image root comes from (see ``forgehand.sandbox.images``)."""
 
     @property
     def work_dir(self) -> Path:
@@ -692,7 +694,9 @@ class ManagedSandbox:
         return self._sandbox_root
 
     async def _release_image(self) -> None:
-        await blocking(release_image, self._dir)
+        from forgehand.sandbox import images
+
+        await blocking(images.release, self._dir, self.image_podman)
 
     async def _unmount_sock(self) -> None:
         if self._sock_mounted:
