@@ -165,6 +165,23 @@ async def test_an_image_in_use_cannot_be_removed_under_its_sandbox(image: str) -
     # The image fixture then removes the image without force: nothing holds it any more.
 
 
+async def test_an_images_volumes_make_no_podman_volumes(directory: Path) -> None:
+    """``podman create`` makes an anonymous volume for each VOLUME of an image, which
+    outlives ``podman rm``: one leaked per sandbox start, until the hold ignored them."""
+    name = "localhost/forgehand-test-image-volume:1"
+    archive = tiny_root_archive()
+    argv = ["podman", "import", "--change", "VOLUME /data", "-", name]
+    subprocess.run(argv, input=archive, capture_output=True, check=True)
+    volumes = podman("volume", "ls", "--quiet").stdout.split()
+    try:
+        path, _ = await images.mount(directory, name)
+        assert (path / "etc" / "os-release").exists()
+        images.release(directory)
+    finally:
+        podman("rmi", "--force", name, check=False)
+    assert podman("volume", "ls", "--quiet").stdout.split() == volumes
+
+
 def test_release_of_a_sandbox_without_an_image_runs_no_podman(
     directory: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

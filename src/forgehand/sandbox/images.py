@@ -98,7 +98,9 @@ async def mount(directory: Path, name: str, podman: str = "podman") -> tuple[Pat
     await _finished(
         binary,
         *("create", "--pull", "never", "--name", hold, "--label", f"{HOLD_LABEL}={directory}"),
-        *("--network", "none", "--entrypoint", "/nonexistent", image.id),
+        # An image's VOLUMEs would become anonymous volumes that outlive the container.
+        *("--image-volume", "ignore", "--network", "none", "--entrypoint", "/nonexistent"),
+        image.id,
     )
     merged = Path(await _finished(binary, "mount", hold))
     if not merged.is_absolute():
@@ -121,7 +123,7 @@ def release(directory: Path, podman: str = "podman") -> None:
             f"cannot remove the hold container {hold_name(directory)}: podman is gone"
         )
     done = subprocess.run(
-        [binary, "rm", "--force", "--ignore", "--time", "0", hold_name(directory)],
+        [binary, "rm", "--force", "--volumes", "--ignore", "--time", "0", hold_name(directory)],
         capture_output=True,
         text=True,
         timeout=PODMAN_TIMEOUT_SECONDS,
