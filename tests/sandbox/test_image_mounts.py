@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 from sandbox_support import tiny_root_archive
 
 from forgehand.runner.model import RunSpec
-from forgehand.sandbox import images, readonly_views
+from forgehand.sandbox import images, readonly_views, rootfs
 from forgehand.sandbox.bwrap_backend import BwrapBackend, BwrapBackendConfig
 from forgehand.sandbox.spec import SandboxSpec
 
@@ -180,6 +181,29 @@ async def test_an_images_volumes_make_no_podman_volumes(directory: Path) -> None
     finally:
         podman("rmi", "--force", name, check=False)
     assert podman("volume", "ls", "--quiet").stdout.split() == volumes
+
+
+async def test_gc_removes_the_holds_whose_sandbox_directory_is_gone(
+    image: str, directory: Path
+) -> None:
+    """A reboot empties /run, where the sandbox directories live, but not podman's store:
+    its holds would keep their images from ever being removed."""
+    gone = Path(tempfile.mkdtemp(prefix="fh-ihold-", dir="/tmp"))
+    await images.mount(gone, image)
+    await images.mount(directory, image)  # a live sandbox's hold: kept
+    rootfs.release_image(gone)
+    shutil.rmtree(gone)
+    done = subprocess.run(
+        [sys.executable, "-m", "forgehand.cli.main", "sandbox", "gc"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"removed image hold {images.hold_name(gone)}" in done.stdout
+    assert images.hold_name(gone) not in holds()
+    assert images.hold_name(directory) in holds()
+    assert images.remove_orphan_holds() == []
 
 
 def test_release_of_a_sandbox_without_an_image_runs_no_podman(

@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from forgehand.cli.runner import RUNNER_FAILURE, feed_stdin, stream_run
 from forgehand.runner import errors as runner_errors
 from forgehand.runner.model import RunSpec
+from forgehand.sandbox import images
 from forgehand.sandbox.backend import (
     CountsOomKills,
     EndsOnItsOwn,
@@ -331,6 +332,13 @@ async def _gc(_args: argparse.Namespace) -> int:
             print(f"removed {record.backend} {record.sandbox_id} (owner {record.owner_pid} gone)")
         removed += len(records)
     print(f"{removed} leftover sandbox(es) removed")
+    try:
+        holds = await asyncio.to_thread(images.remove_orphan_holds)
+    except SandboxError as exc:
+        print(f"forgehand: removing orphaned image holds failed: {exc}", file=sys.stderr)
+        return 1
+    for name in holds:
+        print(f"removed image hold {name} (its sandbox directory is gone)")
     return 1 if failed else 0
 
 
@@ -344,7 +352,7 @@ def _report_failure(backend: SandboxBackend, action: str, exc: Exception) -> int
 
 
 def _doctor(_args: argparse.Namespace) -> int:
-    from forgehand.sandbox import images, rootfs
+    from forgehand.sandbox import rootfs
 
     usable = 0
     for name, factory in load_backends().items():

@@ -122,8 +122,32 @@ def release(directory: Path, podman: str = "podman") -> None:
         raise SandboxLaunchError(
             f"cannot remove the hold container {hold_name(directory)}: podman is gone"
         )
+    _run(binary, "rm", "--force", "--volumes", "--ignore", "--time", "0", hold_name(directory))
+    record.unlink()
+
+
+def remove_orphan_holds(podman: str = "podman") -> list[str]:
+    """Remove the hold containers whose sandbox directory is gone (a reboot empties /run,
+    where the directories live, but not podman's store): they would keep their images
+    from ever being removed. The names removed. Blocking."""
+    binary = shutil.which(podman)
+    if binary is None:
+        return []
+    template = f'{{{{.Names}}}}\t{{{{index .Labels "{HOLD_LABEL}"}}}}'
+    listing = _run(binary, "ps", "--all", "--filter", f"label={HOLD_LABEL}", "--format", template)
+    removed = []
+    for line in listing.splitlines():
+        name, _, directory = line.partition("\t")
+        if name.startswith("forgehand-image-") and directory and not Path(directory).exists():
+            _run(binary, "rm", "--force", "--volumes", "--ignore", "--time", "0", name)
+            removed.append(name)
+    return removed
+
+
+def _run(binary: str, *arguments: str) -> str:
+    """Run podman, blocking; its stdout, or SandboxLaunchError with its complaint."""
     done = subprocess.run(
-        [binary, "rm", "--force", "--volumes", "--ignore", "--time", "0", hold_name(directory)],
+        [binary, *arguments],
         capture_output=True,
         text=True,
         timeout=PODMAN_TIMEOUT_SECONDS,
@@ -131,10 +155,8 @@ def release(directory: Path, podman: str = "podman") -> None:
         check=False,
     )
     if done.returncode != 0:
-        raise SandboxLaunchError(
-            f"`podman rm {hold_name(directory)}` failed: {done.stderr.strip()[:300]}"
-        )
-    record.unlink()
+        raise SandboxLaunchError(f"`podman {' '.join(arguments)}` failed: {done.stderr[:300]}")
+    return done.stdout
 
 
 async def _finished(binary: str, *arguments: str) -> str:
