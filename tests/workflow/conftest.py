@@ -3,10 +3,12 @@ that never outlive a test, and helpers to run a workflow in-process."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -157,3 +159,29 @@ async def scenario(short_tmp: Path) -> Scenario:
     home = Home(root / "home")
     ref = await create_example(root, home)
     return Scenario(root, home, ref, LocalForge(home.local_forge(), ref.project))
+
+
+def cli_env(scratch: Path, extra: dict[str, str]) -> dict[str, str]:
+    keep = ("PATH", "LANG", "LC_ALL")
+    env = {k: v for k, v in os.environ.items() if k in keep}
+    home = {"TMPDIR": str(scratch), "HOME": str(scratch / "home"), "GIT_CONFIG_NOSYSTEM": "1"}
+    return env | home | extra
+
+
+async def run_cli(
+    scratch: Path, *argv: str, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """The CLI as a subprocess; output to files (a runner keeper may outlive it)."""
+    out, err = scratch / "cli.out", scratch / "cli.err"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "forgehand.cli.main",
+            *argv,
+            env=cli_env(scratch, env or {}),
+            stdout=stdout,
+            stderr=stderr,
+        )
+        code = await asyncio.wait_for(process.wait(), 240)
+    return code, out.read_text(), err.read_text()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from forgehand.forge.base import MergeRequestState
 from forgehand.workflow.model import Outcome, Phase
 from forgehand.workflow.progress import SilentProgress
 
-from .conftest import Scenario, git
+from .conftest import Scenario, cli_env, git, run_cli
 
 
 async def test_demo_in_process_opens_a_verified_draft_mr(short_tmp: Path) -> None:
@@ -61,32 +60,6 @@ async def test_rerun_updates_the_same_branch_and_mr(scenario: Scenario) -> None:
     assert second.run_id in mr.description
     comments = await scenario.forge.list_comments(1)
     assert [c.body.startswith("forgehand opened a draft") for c in comments] == [True, True]
-
-
-def _cli_env(scratch: Path, extra: dict[str, str]) -> dict[str, str]:
-    keep = ("PATH", "LANG", "LC_ALL")
-    env = {k: v for k, v in os.environ.items() if k in keep}
-    home = {"TMPDIR": str(scratch), "HOME": str(scratch / "home"), "GIT_CONFIG_NOSYSTEM": "1"}
-    return env | home | extra
-
-
-async def run_cli(
-    scratch: Path, *argv: str, env: dict[str, str] | None = None
-) -> tuple[int, str, str]:
-    """The CLI as a subprocess; output to files (a runner keeper may outlive it)."""
-    out, err = scratch / "cli.out", scratch / "cli.err"
-    with out.open("wb") as stdout, err.open("wb") as stderr:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "forgehand.cli.main",
-            *argv,
-            env=_cli_env(scratch, env or {}),
-            stdout=stdout,
-            stderr=stderr,
-        )
-        code = await asyncio.wait_for(process.wait(), 240)
-    return code, out.read_text(), err.read_text()
 
 
 @pytest.mark.slow
@@ -233,7 +206,7 @@ async def test_a_killed_solve_is_resumed_by_the_next_one(
         *("solve", str(scenario.ref), "--provider", "anthropic", "--model", "m"),
         *("--sandbox", "none", "--home", str(scenario.home.root)),
     ]
-    env = _cli_env(short_tmp, {"ANTHROPIC_API_KEY": API_KEY})
+    env = cli_env(short_tmp, {"ANTHROPIC_API_KEY": API_KEY})
     async with ReplayServer(slow) as server:
         with (short_tmp / "killed.err").open("wb") as err:
             process = await asyncio.create_subprocess_exec(

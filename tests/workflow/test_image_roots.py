@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from forgehand.agent.replay import ReplayServer
 from forgehand.workflow.engine import WorkflowOptions
 from forgehand.workflow.model import Outcome, Phase, RunEnded
 from forgehand.workflow.repo_config import RepoConfigError, parse_repo_config
 
-from .conftest import FINISH, git, repo_scenario, scripted, turn
+from .conftest import FINISH, REPLAY_KEY, git, repo_scenario, run_cli, scripted, turn
 
 TOOLS_IMAGE = "localhost/fh-wf-tools:1"
 BARE_IMAGE = "localhost/fh-wf-bare:1"
@@ -166,3 +167,29 @@ async def test_an_image_without_git_ends_the_run_saying_what_it_lacks(short_tmp:
     assert record.outcome is Outcome.SETUP_FAILED, record.message
     assert f"the image {BARE_IMAGE!r} lacks bash or git" in record.message
     assert Phase.AGENT not in record.outputs
+
+
+@needs_images
+async def test_solve_cli_passes_the_operators_allowed_images_on(short_tmp: Path) -> None:
+    """The same run from `forgehand solve`: its --allow-image reaches the workflow (and
+    without it, the same repository is refused)."""
+    files = {".forgehand/config.yml": CONFIG, "page.txt": "start = page * per_page\n"}
+    scenario = await repo_scenario(short_tmp, files)
+    argv = [
+        *("solve", str(scenario.ref), "--provider", "anthropic", "--model", "m"),
+        *("--sandbox", "bwrap", "--home", str(scenario.home.root)),
+    ]
+    env = {"ANTHROPIC_API_KEY": REPLAY_KEY}
+    with local_image(TOOLS_IMAGE, TOOLS):
+        async with ReplayServer(scripted(FIX, FINISH)) as server:
+            code, _, err = await run_cli(short_tmp, *argv, "--base-url", server.base_url, env=env)
+            assert code == 1, err
+            assert "config_error" in err, err
+            assert f"--allow-image {TOOLS_IMAGE}" in err
+            allowed = ("--allow-image", "localhost/fh-wf-*")
+            code, out, err = await run_cli(
+                short_tmp, *argv, *allowed, "--base-url", server.base_url, env=env
+            )
+    assert code == 0, err
+    assert f"root image {TOOLS_IMAGE}" in err  # the progress names the sandbox's root
+    assert "draft MR: local:" in out
