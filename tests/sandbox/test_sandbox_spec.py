@@ -54,6 +54,19 @@ def test_spec_is_frozen() -> None:
         ({"ro_mounts": [{"source": "relative/dir"}]}, "source"),
         ({"ro_mounts": [{"source": "/opt/../root"}]}, "source"),
         ({"ro_mounts": [{"source": "/opt", "target": "/proc/x"}]}, "target"),
+        ({"ro_mounts": [{"source": "/proc/self"}]}, "target"),  # the source's path
+        ({"ro_mounts": [{"source": "/opt", "target": "/"}]}, "own /"),
+        # The runner's socket and journals, which a mount at /run would cover too.
+        ({"ro_mounts": [{"source": "/opt", "target": "/run/forgehand"}]}, "runner's /run"),
+        ({"ro_mounts": [{"source": "/opt", "target": "/run"}]}, "cover the runner's /run"),
+        ({"ro_mounts": [{"source": "/opt", "target": "/work"}]}, "cover the work dir"),
+        (
+            {
+                "ro_mounts": [{"source": "/srv", "target": "/opt"}],
+                "root": {"type": "dir", "path": "/srv/root"},
+            },
+            "cover the runner's /opt/forgehand",
+        ),
         ({"network": {"mode": "open"}}, "unsafe_allow_open_network"),
         ({"network": {"mode": "proxy", "allow_hosts": ["Not A Host"]}}, "allow_hosts"),
         ({"network": {"mode": "carrier-pigeon"}}, "network"),
@@ -74,6 +87,13 @@ def test_invalid_specs_name_the_field(extra: dict[str, Any], field: str) -> None
 def test_open_network_needs_explicit_opt_in() -> None:
     spec = _spec(network={"mode": "open", "unsafe_allow_open_network": True})
     assert spec.network.mode == "open"
+
+
+def test_mounts_may_go_where_neither_the_sandbox_nor_the_runner_lives() -> None:
+    allowed = [{"source": "/srv/tools", "target": p} for p in ("/work/sub", "/run/x", "/tmp/t")]
+    assert len(_spec(ro_mounts=allowed).ro_mounts) == 3
+    # /opt/forgehand is the runner's only on a custom root: the host root leaves /opt free.
+    assert _spec(ro_mounts=[{"source": "/opt"}]).ro_mounts[0].destination == Path("/opt")
 
 
 def test_mount_target_defaults_to_source() -> None:

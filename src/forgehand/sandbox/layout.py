@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from forgehand.sandbox.errors import BackendUnavailable, SandboxLaunchError
-from forgehand.sandbox.spec import DirRoot, SandboxSpec
+from forgehand.sandbox.spec import RUNNER_USERLAND_DIR, DirRoot, SandboxSpec
 
 HOST_TOP_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 """The host's top-level system directories besides /usr (symlinks into it when merged)."""
-OPT = PurePosixPath("/opt/forgehand")
+OPT = RUNNER_USERLAND_DIR
 """The runner's own directory in every sandbox."""
 VENV_TARGET = OPT / "venv"
 SRC_TARGET = OPT / "src"

@@ -63,7 +63,7 @@ from forgehand.sandbox.layout import (
 )
 from forgehand.sandbox.registry import Entry, Registry, list_records, reap_leftovers
 from forgehand.sandbox.runs import EGRESS_LOG
-from forgehand.sandbox.spec import IsolationLevel, ProxyNetwork, SandboxSpec
+from forgehand.sandbox.spec import RUNNER_STATE_DIR, IsolationLevel, ProxyNetwork, SandboxSpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -72,7 +72,7 @@ SANDBOX_UID = 1000
 SANDBOX_GID = 1000
 SANDBOX_USER = "sandbox"
 EGRESS_SOCKET = OPT / "egress.sock"
-RUN_DIR = PurePosixPath("/run/forgehand")
+RUN_DIR = RUNNER_STATE_DIR
 RUNNER_SOCKET = RUN_DIR / "runner.sock"
 SOCK_DIR = RUN_DIR / "sock"
 SHARED_SOCKET = SOCK_DIR / "runner.sock"

@@ -29,6 +29,24 @@ _HOST_RE = re.compile(
 )
 _IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")
 _RESERVED_TARGETS = (PurePosixPath("/proc"), PurePosixPath("/dev"), PurePosixPath("/sys"))
+RUNNER_STATE_DIR = PurePosixPath("/run/forgehand")
+"""The runner's socket and journals, in every sandbox."""
+RUNNER_USERLAND_DIR = PurePosixPath("/opt/forgehand")
+"""The runner's own userland, in a sandbox on a custom root (``forgehand.sandbox.layout``)."""
+
+
+def _reserved_why(target: PurePosixPath, runner_dirs: tuple[PurePosixPath, ...]) -> str:
+    """Why a read-only mount may not appear at ``target``; empty if it may."""
+    if target == PurePosixPath("/"):
+        return "is the sandbox's own /"
+    if any(target.is_relative_to(r) for r in _RESERVED_TARGETS):
+        return "is the sandbox's own /proc, /dev or /sys"
+    for runner in runner_dirs:
+        if target.is_relative_to(runner):
+            return f"lies in the runner's {runner}"
+        if runner.is_relative_to(target):
+            return f"would cover the runner's {runner}"
+    return ""
 
 
 def parse_size(value: object) -> object:
@@ -133,15 +151,17 @@ class ReadOnlyMount(_Strict):
     target: AbsolutePath | None = None
     """Where it appears inside the sandbox; defaults to the same path as ``source``."""
 
-    @field_validator("target")
-    @classmethod
-    def _not_reserved(cls, target: Path | None) -> Path | None:
-        if target is None:
-            return None
-        pure = PurePosixPath(target)
-        if pure == PurePosixPath("/") or any(pure.is_relative_to(r) for r in _RESERVED_TARGETS):
-            raise ValueError(f"{str(target)!r} is reserved for the sandbox's own /, /proc, /dev")
-        return target
+    @model_validator(mode="after")
+    def _not_reserved(self) -> ReadOnlyMount:
+        self.check_destination((RUNNER_STATE_DIR,))
+        return self
+
+    def check_destination(self, runner_dirs: tuple[PurePosixPath, ...]) -> None:
+        """ValueError if the mount would appear where the sandbox or its runner lives."""
+        why = _reserved_why(PurePosixPath(self.destination), runner_dirs)
+        if why:
+            where = "target" if self.target is not None else "target (the source's path)"
+            raise ValueError(f"{where} {str(self.destination)!r} {why}: choose another target")
 
     @property
     def destination(self) -> Path:
@@ -244,6 +264,19 @@ class SandboxSpec(_Strict):
             if "\0" in value:
                 raise ValueError(f"the value of {name!r} contains a NUL byte")
         return env
+
+    @model_validator(mode="after")
+    def _mounts_leave_the_runner_and_the_work_dir(self) -> SandboxSpec:
+        work = PurePosixPath(self.work_dir.sandbox_path)
+        for mount in self.ro_mounts:
+            if not isinstance(self.root, HostRoot):
+                mount.check_destination((RUNNER_STATE_DIR, RUNNER_USERLAND_DIR))
+            if work.is_relative_to(mount.destination):
+                raise ValueError(
+                    f"ro_mounts: {str(mount.destination)!r} would cover the work dir "
+                    f"{str(work)!r}: choose another target"
+                )
+        return self
 
     @model_validator(mode="after")
     def _work_dir_fits_disk(self) -> SandboxSpec:
