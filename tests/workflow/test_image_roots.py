@@ -142,6 +142,7 @@ async def test_a_run_on_the_repositorys_image_ends_in_a_verified_draft_mr(
         ) as (workflow, _):
             record = await workflow.solve(scenario.ref)
     assert record.outcome is Outcome.DONE, record.message
+    assert f"root image {TOOLS_IMAGE}" in record.outputs[Phase.SETUP]["detail"]  # `show`
     verification = record.outputs[Phase.VERIFY]["verification"]
     assert verification["before"]["exit_code"] != 0  # the baseline ran on the image too
     assert verification["after"]["exit_code"] == 0

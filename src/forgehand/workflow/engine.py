@@ -363,7 +363,10 @@ class Workflow:
         session = await self._agent_session(run)
         self.progress.note(f"sandbox: {session.space.detail}")
         test = resolved.config.test
-        detail = f"{resolved.source}: {resolved.detail}; tests: {test.command if test else 'none'}"
+        detail = (
+            f"{resolved.source}: {resolved.detail}; tests: {test.command if test else 'none'}; "
+            f"sandbox: {session.space.detail}"
+        )
         return {
             "config": resolved.model_dump(mode="json"),
             "sandbox": session.space.detail,
