@@ -21,7 +21,7 @@ import pytest
 from sandbox_support import tiny_root_archive
 
 from forgehand.runner.model import RunSpec
-from forgehand.sandbox import images, readonly_views, rootfs
+from forgehand.sandbox import images, readonly_views
 from forgehand.sandbox.bwrap_backend import BwrapBackend, BwrapBackendConfig
 from forgehand.sandbox.spec import SandboxSpec
 
@@ -191,7 +191,7 @@ async def test_gc_removes_the_holds_whose_sandbox_directory_is_gone(
     gone = Path(tempfile.mkdtemp(prefix="fh-ihold-", dir="/tmp"))
     await images.mount(gone, image)
     await images.mount(directory, image)  # a live sandbox's hold: kept
-    rootfs.release_image(gone)
+    readonly_views.release_below(gone / images.IMAGE_DIR)
     shutil.rmtree(gone)
     done = subprocess.run(
         [sys.executable, "-m", "forgehand.cli.main", "sandbox", "gc"],

@@ -41,6 +41,8 @@ from forgehand.sandbox.errors import BackendUnavailable, SandboxLaunchError
 from forgehand.sandbox.spec import DirRoot, ImageRoot, SandboxSpec
 
 PODMAN_TIMEOUT_SECONDS = 120.0
+IMAGE_DIR = "image"
+"""Where the image is bound, in the sandbox's own directory."""
 HOLD_FILE = "image-hold"
 """In a sandbox's directory: the name of its hold container, written before it is made."""
 HOLD_LABEL = "forgehand.image-hold"
@@ -105,7 +107,7 @@ async def mount(directory: Path, name: str, podman: str = "podman") -> tuple[Pat
     merged = Path(await _finished(binary, "mount", hold))
     if not merged.is_absolute():
         raise SandboxLaunchError(f"`podman mount` of image {image.name} gave no path: {merged}")
-    target = directory / rootfs.IMAGE_DIR
+    target = directory / IMAGE_DIR
     await rootfs.blocking(readonly_views.bind_read_only, merged, target)
     return target, image
 
@@ -113,7 +115,9 @@ async def mount(directory: Path, name: str, podman: str = "podman") -> tuple[Pat
 def release(directory: Path, podman: str = "podman") -> None:
     """Detach the image bound in the sandbox directory ``directory`` and remove its hold
     container, if any. Blocking; safe to repeat, and after a start cut at any step."""
-    rootfs.release_image(directory)
+    bound = directory / IMAGE_DIR
+    if bound.exists():
+        readonly_views.release_below(bound)
     record = directory / HOLD_FILE
     if not record.exists():
         return

@@ -40,7 +40,7 @@ import forgehand
 from forgehand.runner.client import ExecConnector, RunnerClient
 from forgehand.runner.keeper import PYTHON_M_VARIABLE
 from forgehand.runner.model import Exited, ExitReason, Output, RunSpec
-from forgehand.sandbox import bwrap, readonly_views, subreaper
+from forgehand.sandbox import bwrap, subreaper
 from forgehand.sandbox.backend import Availability, SandboxRecord
 from forgehand.sandbox.egress import AllowRule, EgressConfig, EgressProxy, Resolver
 from forgehand.sandbox.egress.config import operator_trusted_networks
@@ -176,16 +176,6 @@ def proxy_argv(python_m: Sequence[str] = VENV_PYTHON_M) -> list[str]:
 
 
 MAX_STACKED_MOUNTS = 8
-IMAGE_DIR = "image"
-"""Where a ``root: image`` is bound, in the sandbox's own directory (``images.mount``)."""
-
-
-def release_image(directory: Path) -> None:
-    """Detach the image bound in the sandbox directory ``directory``, if any. Blocking;
-    safe to repeat."""
-    target = directory / IMAGE_DIR
-    if target.exists():
-        readonly_views.release_below(target)
 
 
 def exec_client(argv: list[str]) -> RunnerClient:
