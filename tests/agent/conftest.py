@@ -20,7 +20,7 @@ from forgehand.agent.replay import ReplayServer, Script
 from forgehand.runner.client import LocalTransport, RunnerClient
 from forgehand.runner.config import RunnerConfig
 from forgehand.runner.core import RunnerCore
-from forgehand.runner.keeper import stop_keeper
+from forgehand.runner.keeper_client import stop_keeper
 
 API_KEY = "sk-test-Zx9SECRETkey0123456789abcdef"
 FAST_RETRY = {"max_retries": 3, "initial_backoff_s": 0.001, "max_backoff_s": 0.01}

@@ -22,7 +22,7 @@ from forgehand.runner.client import LocalTransport, RunnerClient, UnixConnector
 from forgehand.runner.client.grpc_transport import GrpcTransport
 from forgehand.runner.config import RunnerConfig
 from forgehand.runner.core import RunnerCore
-from forgehand.runner.keeper import stop_keeper
+from forgehand.runner.keeper_client import stop_keeper
 from forgehand.runner.server import RunnerServer
 
 TRANSPORTS = ("unix", "unix-grpc", "proxy", "local")

@@ -20,8 +20,8 @@ from forgehand._proto.runner.v1 import runner_pb2 as pb
 from forgehand.runner import direct_server, errors
 from forgehand.runner.client import GrpcTransport, RunnerClient, UnixConnector
 from forgehand.runner.client.direct import direct_attach
-from forgehand.runner.config import RunnerConfig
-from forgehand.runner.direct import HELLO, HELLO_FEATURE, direct_socket_path
+from forgehand.runner.config import RunnerConfig, direct_socket_path
+from forgehand.runner.direct import HELLO, HELLO_FEATURE
 from forgehand.runner.model import Exited, Output, RunSpec
 from forgehand.runner.server import RunnerServer
 

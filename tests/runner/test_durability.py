@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_config
+from journal_writer import JournalWriter
 
 from forgehand._proto.runner.v1 import runner_pb2 as pb
 from forgehand.runner import errors
@@ -23,10 +24,9 @@ from forgehand.runner.journal import (
     HEADER,
     LENGTH_BITS,
     MAX_RECORD_BYTES,
-    JournalWriter,
     list_segments,
 )
-from forgehand.runner.keeper import keeper_pid
+from forgehand.runner.keeper_client import keeper_pid
 from forgehand.runner.model import Exited, ExitReason, Output, RunSpec, Started, Stream
 
 COUNTER = (

@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from forgehand._proto.runner.v1 import runner_pb2 as pb
-from forgehand.runner.keeper import keeper_pid
+from forgehand.runner.keeper_client import keeper_pid
 
 SERVICE = "/forgehand.runner.v1.Runner/"
 PROTOCOL = "forgehand.runner.v1"

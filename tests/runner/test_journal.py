@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from journal_writer import JournalWriter
 
 from forgehand._proto.runner.v1 import runner_pb2 as pb
 from forgehand.runner.journal import (
@@ -19,14 +20,14 @@ from forgehand.runner.journal import (
     LENGTH_BITS,
     MAX_RECORD_BYTES,
     JournalReader,
-    JournalWriter,
     list_segments,
     parse_event,
     read_exit_record,
     write_lost_exit,
 )
-from forgehand.runner.keeper import F_SETPIPE_SZ, PIPE_BYTES
 
+F_SETPIPE_SZ = 1031
+PIPE_BYTES = 1024 * 1024  # as large as the keeper makes its output pipes
 STDOUT = pb.STREAM_STDOUT
 STDERR = pb.STREAM_STDERR
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from bwrap_support import NEEDS_BWRAP, mounts_under, scratch_dir
 
-from forgehand.runner.keeper import KEEPER_COMM
+from forgehand.runner.keeper_launch import KEEPER_COMM
 from forgehand.runner.model import ExitReason
 from forgehand.sandbox import cgroups
 from forgehand.sandbox.backend import choose_backend

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from bwrap_support import NEEDS_BWRAP, scratch_dir
 
-from forgehand.runner.keeper import KEEPER_COMM
+from forgehand.runner.keeper_launch import KEEPER_COMM
 from forgehand.runner.model import Event, Exited, ExitReason, Output
 from forgehand.sandbox.bwrap_backend import BwrapBackend, BwrapBackendConfig, BwrapRunnerSandbox
 from forgehand.sandbox.spec import SandboxSpec

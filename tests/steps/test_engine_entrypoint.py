@@ -12,6 +12,9 @@ from typing import Any
 
 import pytest
 
+from forgehand._proto.runner.v1 import runner_pb2 as pb
+from forgehand.steps.event_wire import FRAME, KINDS, encode_step_event
+
 FIXTURES = Path(__file__).parent / "fixtures" / "gitlab"
 # fd 3 is opened by the shell, as the runner will open it; "$0" is this Python.
 WITH_EVENTS = 'exec "$0" -m forgehand.steps.engine 3>"$1"'
@@ -40,12 +43,26 @@ def _finish(process: subprocess.Popen[bytes]) -> tuple[int, bytes, bytes]:
 
 
 def _events(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The engine's StepEvent frames, read back with protobuf, as the dicts it sent."""
+    data, events, types = path.read_bytes(), [], {v: k for k, v in KINDS.items()}
+    while data:
+        (length,) = FRAME.unpack_from(data)
+        step = pb.StepEvent.FromString(data[FRAME.size : FRAME.size + length])
+        data = data[FRAME.size + length :]
+        event: dict[str, Any] = {"type": types[step.kind]}
+        if step.kind == pb.StepEvent.KIND_RESULT:
+            event["result"] = json.loads(step.result_json)
+        else:
+            event.update(path=list(step.path), status=step.status, error=step.error)
+            event["outputs"] = json.loads(step.outputs_json) if step.outputs_json else None
+            event["exit_code"] = step.exit_code
+        events.append(event)
+    return events
 
 
 def test_builtin_success_with_events_on_fd3(work: Path, tmp_path: Path) -> None:
     (work / "a.txt").write_text("hi\n")
-    events = tmp_path / "events.jsonl"
+    events = tmp_path / "events.bin"
     request = {"ref": "builtin://read_file", "inputs": {"path": "a.txt"}, "work_dir": str(work)}
     code, stdout, stderr = _finish(_engine(request, events))
     assert (code, stdout, stderr) == (0, b"", b"")
@@ -69,7 +86,7 @@ def test_output_is_passed_through_byte_for_byte(work: Path, tmp_path: Path) -> N
 
 
 def test_failed_step_exits_1_with_result_last(work: Path, tmp_path: Path) -> None:
-    events = tmp_path / "events.jsonl"
+    events = tmp_path / "events.bin"
     request = {
         "ref": str(FIXTURES / "tutorial_outputs"),
         "work_dir": str(work),
@@ -84,7 +101,7 @@ def test_failed_step_exits_1_with_result_last(work: Path, tmp_path: Path) -> Non
 
 
 def test_sensitive_input_masked_everywhere(work: Path, tmp_path: Path) -> None:
-    events = tmp_path / "events.jsonl"
+    events = tmp_path / "events.bin"
     request = {
         "ref": str(FIXTURES / "sensitive_outputs"),
         "inputs": {"secret_override": "hunter22"},
@@ -94,7 +111,7 @@ def test_sensitive_input_masked_everywhere(work: Path, tmp_path: Path) -> None:
     assert code == 0
     assert b"hunter22" not in stdout
     assert b"[MASKED]" in stdout
-    assert "hunter22" not in events.read_text()
+    assert b"hunter22" not in events.read_bytes()
 
 
 def test_without_fd3_events_go_nowhere(work: Path) -> None:
@@ -123,7 +140,7 @@ def test_bad_request_exits_2(request_data: Any, message: str) -> None:
 
 
 def test_sigterm_cancels_the_step(work: Path, tmp_path: Path) -> None:
-    events = tmp_path / "events.jsonl"
+    events = tmp_path / "events.bin"
     request = {
         "ref": "builtin://run",
         "inputs": {"command": "echo started; sleep 30"},
@@ -153,3 +170,40 @@ def test_engine_import_stays_small() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     )
     assert output.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"type": "step_started", "path": ["a", 2]},
+        {
+            "type": "step_finished",
+            "path": ["a"],
+            "status": "failed",
+            "outputs": {"k": "v"},
+            "exit_code": -1,
+            "error": "boom \udc80",
+        },
+        {"type": "step_finished", "path": [], "status": "succeeded", "exit_code": 1 << 40},
+        {"type": "result", "result": {"status": "succeeded", "children": []}},
+    ],
+)
+def test_event_frames_parse_as_step_events(event: dict[str, Any]) -> None:
+    frame = encode_step_event(event)
+    assert frame is not None
+    (length,) = FRAME.unpack_from(frame)
+    assert length == len(frame) - FRAME.size
+    step = pb.StepEvent.FromString(frame[FRAME.size :])
+    assert step.kind == KINDS[event["type"]]
+    if event["type"] == "result":
+        assert json.loads(step.result_json) == event["result"]
+        return
+    assert list(step.path) == [str(p) for p in event["path"]]
+    assert step.status == event.get("status", "")
+    assert step.exit_code == (event.get("exit_code", 0) if event.get("exit_code") != 1 << 40 else 0)
+    assert step.error == event.get("error", "").replace("\udc80", "?")
+    assert (json.loads(step.outputs_json) if step.outputs_json else None) == event.get("outputs")
+
+
+def test_unknown_event_types_make_no_frame() -> None:
+    assert encode_step_event({"type": "mystery"}) is None

@@ -39,7 +39,7 @@ def kill_keepers_under(base: Path) -> None:
             cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if "forgehand.runner.keeper" in cmdline and str(base) in cmdline:
+        if "forgehand-keeper" in cmdline and str(base) in cmdline:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(entry.name), 9)
 

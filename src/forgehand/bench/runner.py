@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from forgehand.runner.client import GrpcTransport, RunnerClient, UnixConnector
-from forgehand.runner.direct import direct_socket_path
-from forgehand.runner.keeper import stop_keeper
+from forgehand.runner.config import direct_socket_path
+from forgehand.runner.keeper_client import stop_keeper
 from forgehand.runner.model import Exited, Output, RunSpec
 from forgehand.runner.tuning import tune_malloc
 

@@ -352,6 +352,7 @@ def _report_failure(backend: SandboxBackend, action: str, exc: Exception) -> int
 
 
 def _doctor(_args: argparse.Namespace) -> int:
+    from forgehand.runner.keeper_launch import keeper_binary
     from forgehand.sandbox import rootfs
 
     usable = 0
@@ -366,6 +367,12 @@ def _doctor(_args: argparse.Namespace) -> int:
         print(f"{name:8} {verdict}  isolation={status.isolation}  {status.detail}")
     works, detail = images.availability()
     print(f"{'images':8} {'available' if works else 'missing  '}  {detail}")
+    keeper = keeper_binary()
+    keeper_built = os.access(keeper, os.X_OK)  # every sandbox's runner needs it
+    if keeper_built:
+        print(f"keeper   compiled   {keeper}")
+    else:
+        print(f"keeper   missing    {keeper}: run scripts/build-keeper (needs gcc, libc6-dev)")
     compiled = rootfs.compiled_subreaper()
     if compiled is not None:
         print(f"subreaper compiled   {compiled}")
@@ -376,4 +383,4 @@ def _doctor(_args: argparse.Namespace) -> int:
         )
     if not usable:
         print("no sandbox backend works here: install `bubblewrap` (and run as root)")
-    return 0 if usable else 1
+    return 0 if usable and keeper_built else 1

@@ -2,28 +2,22 @@
 
 forgehand-runner serve --socket PATH --state-dir DIR [--root DIR]… [--tcp HOST:PORT
                        --tls-cert F --tls-key F --token-file F]
-                       [--fork-keeper | --supervise [--max-restarts N]] [--ready-fd N]
+                       [--supervise [--max-restarts N]] [--ready-fd N]
 forgehand-runner proxy --socket PATH
 
-Start-up is ordered for sandboxes, where a daemon and its keeper run in each one: with
-``--fork-keeper`` the daemon imports everything, then forks the keeper before it starts a
-thread or an event loop, so the keeper shares the interpreter and every module
-copy-on-write instead of starting its own. ``--supervise`` forks the other way round: this
-process becomes the keeper and the daemon is its child, restarted when it crashes — for
-the process a sandbox runs, whose exit ends the sandbox (``forgehand.runner.supervisor``).
+The runs themselves belong to the keeper, a small compiled program (``keeper_client``).
+A plain ``serve`` finds the keeper of its state dir, or starts one that outlives it.
+``--supervise`` is for the process a sandbox runs, whose exit ends the sandbox: it hands
+over to the keeper at once (exec, before any heavy import), and the keeper starts this
+daemon as its child, again when it crashes.
 
-Both ways, every page a process writes after the fork exists twice, so the daemon finds
-everything it needs imported (``_import_server``), and ``serve`` keeps out what it never
-uses (``_without_openssl``). ``asyncio`` is imported inside the functions that run the
-loop, after that.
+The daemon keeps out what it never uses (``_without_openssl``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
-import importlib
 import logging
 import os
 import signal
@@ -50,13 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--journal-max-bytes", type=int, default=64 * 1024 * 1024)
     serve.add_argument("--memory-events", default="", help="cgroup memory.events for OOM")
     serve.add_argument("--log-level", default="WARNING")
-    start = serve.add_mutually_exclusive_group()
-    start.add_argument(
-        "--fork-keeper",
-        action="store_true",
-        help="start the keeper by forking early (shares memory; for sandboxes)",
-    )
-    start.add_argument(
+    serve.add_argument(
         "--supervise",
         action="store_true",
         help="become the keeper and run the daemon as a child, restarted if it crashes "
@@ -103,16 +91,6 @@ async def _serve(args: argparse.Namespace, config: RunnerConfig) -> None:
         await stop.wait()
 
 
-def _import_server() -> None:
-    """Import what the daemon runs before the fork, so the keeper and the daemon share it.
-    A module first imported after the fork is the daemon's alone, and so is every page the
-    import machinery writes on the way: grpc imports ``_utilities`` only when the server
-    builds its method handlers, which cost each sandbox 0.6 MB until it was imported here."""
-    import forgehand.runner.server  # noqa: F401
-
-    importlib.import_module("grpc._utilities")
-
-
 def _without_openssl() -> None:
     """Serve as a Python built without OpenSSL would: keep ``ssl`` and ``_hashlib`` out.
 
@@ -147,10 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     # Imported here so that `proxy`, which runs once per exec-channel connection, starts fast.
     from forgehand.runner.config import ConfigError, RunnerConfig
-    from forgehand.runner.keeper_client import fork_keeper, keeper_settings
     from forgehand.runner.tuning import tune_malloc
 
-    tune_malloc()
     try:
         config = RunnerConfig(
             state_dir=args.state_dir,
@@ -162,29 +138,72 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"forgehand-runner: invalid settings: {exc}", file=sys.stderr)
         return 2
-    _import_server()
     if args.supervise:
-        from forgehand.runner.direct import direct_socket_path
-        from forgehand.runner.supervisor import supervise
-
-        try:
-            config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError as exc:
-            print(f"forgehand-runner: cannot create --state-dir: {exc}", file=sys.stderr)
-            return 2
-        daemon = functools.partial(_daemon, args, config)
-        sockets = [] if args.socket is None else [args.socket, direct_socket_path(args.socket)]
-        return supervise(
-            keeper_settings(config),
-            daemon,
-            args.ready_fd,
-            args.max_restarts,
-            [path for path in sockets if path is not None],
-        )
-    keeper = fork_keeper(keeper_settings(config)) if args.fork_keeper else None
-    if keeper is not None:
-        keeper.wait()  # if it failed, the core spawns one (or says why)
+        return _exec_supervisor(args, config)
+    tune_malloc()
     return _daemon(args, config, args.ready_fd)
+
+
+def _exec_supervisor(args: argparse.Namespace, config: RunnerConfig) -> int:
+    """Become the compiled keeper in supervise mode (``keeper.c``): it owns the runs and
+    starts this same daemon, without ``--supervise``, as its child, again when it crashes.
+    Called before the daemon's imports (``keeper_launch`` is stdlib only): this process only
+    hands over. Returns only if the handover fails (status 2)."""
+    from forgehand.runner.config import direct_socket_path
+    from forgehand.runner.keeper_launch import (
+        keeper_arguments,
+        keeper_binary,
+        keeper_settings,
+        missing_keeper,
+        this_python_m,
+    )
+
+    try:
+        config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        print(f"forgehand-runner: cannot create --state-dir: {exc}", file=sys.stderr)
+        return 2
+    missing = missing_keeper()
+    if missing:
+        print(f"forgehand-runner: {missing}", file=sys.stderr)
+        return 2
+    binary = keeper_binary()
+    argv = [str(binary), "supervise", *keeper_arguments(keeper_settings(config))]
+    argv += ["--max-restarts", str(args.max_restarts)]
+    if args.ready_fd is not None:
+        argv += ["--ready-fd", str(args.ready_fd)]
+    if args.socket is not None:
+        argv += ["--socket", str(args.socket)]
+        direct = direct_socket_path(args.socket)
+        argv += ["--socket", str(direct)] if direct is not None else []
+    argv += ["--", *this_python_m(), "forgehand.runner.cli", *_daemon_arguments(args, config)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(binary, argv)  # noqa: S606  # no shell: the argv as it is
+    except OSError as exc:
+        print(f"forgehand-runner: cannot start the keeper {binary}: {exc}", file=sys.stderr)
+    return 2
+
+
+def _daemon_arguments(args: argparse.Namespace, config: RunnerConfig) -> list[str]:
+    """``serve``'s arguments for the daemon a supervising keeper starts: this command's,
+    without the supervision (and the ready fd, which the keeper adds for the first)."""
+    argv = ["serve", "--state-dir", str(config.state_dir)]
+    for flag, value in (
+        ("--socket", args.socket),
+        ("--tcp", args.tcp),
+        ("--tls-cert", args.tls_cert),
+        ("--tls-key", args.tls_key),
+        ("--token-file", args.token_file),
+    ):
+        argv += [flag, str(value)] if value is not None else []
+    for root in args.root:
+        argv += ["--root", str(root)]
+    argv += ["--max-runs", str(args.max_runs)]
+    argv += ["--journal-max-bytes", str(args.journal_max_bytes)]
+    argv += ["--memory-events", args.memory_events] if args.memory_events else []
+    return [*argv, "--log-level", args.log_level]
 
 
 def _daemon(args: argparse.Namespace, config: RunnerConfig, ready_fd: int | None) -> int:

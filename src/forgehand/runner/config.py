@@ -85,3 +85,14 @@ def _int_range(name: str, value: object, low: int, high: int | None = None) -> N
     if not ok or (high is not None and isinstance(value, int) and value > high):
         bound = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise ConfigError(f"{name} must be an integer {bound}, not {value!r}")
+
+
+DIRECT_SUFFIX = ".direct"
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, NUL included
+
+
+def direct_socket_path(grpc_socket: Path) -> Path | None:
+    """Where the direct channel of the daemon serving ``grpc_socket`` listens, or None when
+    that path would not fit in a unix socket address."""
+    path = grpc_socket.with_name(grpc_socket.name + DIRECT_SUFFIX)
+    return path if len(str(path).encode()) <= MAX_SOCKET_PATH else None

@@ -3,12 +3,13 @@
 The gRPC servicer (``server.py``) and the in-process client (``client/local.py``) are both
 thin layers over ``RunnerCore``, so they behave the same by construction.
 
-Processes, pipes and journal writing belong to the keeper (``keeper.py``), a separate
-process that outlives the daemon. Per run the daemon keeps a ``RunHandle``: the request,
-the journal directory and a wake-up event that attachers wait on, set whenever the keeper
-says the run's journal grew. The daemon holds no other state: on start it rebuilds the
-registry from the state dir, reconnects to the keeper (starting one if none answers), and
-records runs that neither finished nor are known to the keeper as LOST.
+Processes, pipes and journal writing belong to the keeper (``keeper.c``, see
+``keeper_client``), a separate process that outlives the daemon. Per run the daemon keeps
+a ``RunHandle``: the request, the journal directory and a wake-up event that attachers
+wait on, set whenever the keeper says the run's journal grew. The daemon holds no other
+state: on start it rebuilds the registry from the state dir, reconnects to the keeper
+(starting one if none answers), and records runs that neither finished nor are known to
+the keeper as LOST.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from forgehand import __version__
 from forgehand._proto.runner.v1 import runner_pb2 as pb
-from forgehand.runner import errors
+from forgehand.runner import errors, keeper_start
 from forgehand.runner.config import RunnerConfig
 from forgehand.runner.journal import (
     JournalReader,
@@ -41,8 +42,8 @@ from forgehand.runner.journal import (
     read_exit_record,
     write_lost_exit,
 )
-from forgehand.runner.keeper import KeeperSettings
 from forgehand.runner.keeper_client import KeeperClient
+from forgehand.runner.keeper_launch import KeeperSettings
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +146,12 @@ class RunnerCore:
         self._running: set[str] = set()  # ids of runs in _runs that have not ended
         self._unsized: dict[str, RunHandle] = {}  # ended runs, journals not measured yet
         self._start_lock = asyncio.Lock()
+        self._roots = tuple(str(r) for r in config.file_roots())
         self._keeper = KeeperClient(
             KeeperSettings(
                 state_dir=str(config.state_dir),
                 journal_max_bytes=config.journal_max_bytes_per_run,
                 memory_events=config.memory_events,
-                roots=tuple(str(r) for r in config.file_roots()),
             ),
             self._on_notify,
             self._on_keeper_lost,
@@ -307,7 +308,8 @@ class RunnerCore:
         self._runs[run.run_id] = run
         self._running.add(run.run_id)
         try:
-            pid = await self._keeper.request("S", request.SerializeToString())
+            start = keeper_start.digest(request, self.config.state_dir, self._roots)
+            pid = await self._keeper.request("S", start.SerializeToString())
         except errors.RunnerError as exc:
             self._runs.pop(run.run_id, None)
             self._running.discard(run.run_id)

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from forgehand.runner.client import RunnerClient
-from forgehand.runner.keeper import stop_keeper
+from forgehand.runner.keeper_client import stop_keeper
 from forgehand.runner.model import Exited, Output, RunSpec
 
 SCRIPT = 'for i in $(seq 1 20); do echo "line $i from pid $$"; sleep 0.1; done; exit 3'

@@ -43,27 +43,17 @@ import asyncio
 import socket
 import struct
 from collections.abc import Sequence
-from pathlib import Path
 
 from forgehand.runner.journal import Payload
 
 FRAME = struct.Struct("<I")
-SUFFIX = ".direct"
 TAG = 1
 REQUEST_SECONDS = 10.0
 HELLO_CHECK_SECONDS = 0.5
 """How often a client whose hello is late checks the socket it dialled (see above)."""
 HELLO_FEATURE = "direct-hello"
 HELLO = FRAME.pack(2) + b"\x08" + bytes([TAG])  # SessionResponse{tag: 1}
-MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, NUL included
 IOV_BATCH = 512  # buffers per sendmsg (IOV_MAX is 1024 on Linux)
-
-
-def direct_socket_path(grpc_socket: Path) -> Path | None:
-    """Where the direct channel of the daemon serving ``grpc_socket`` listens, or None when
-    that path would not fit in a unix socket address."""
-    path = grpc_socket.with_name(grpc_socket.name + SUFFIX)
-    return path if len(str(path).encode()) <= MAX_SOCKET_PATH else None
 
 
 async def send_parts(sock: socket.socket, parts: Sequence[Payload]) -> None:

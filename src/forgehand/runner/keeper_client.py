@@ -1,141 +1,90 @@
-"""The daemon's side of the keeper: find or start it, send requests, receive notifications."""
+"""The daemon's side of the keeper: find or start it, send requests, receive notifications.
+
+The keeper is a small compiled program (``keeper.c``, built by ``scripts/build-keeper``
+beside this module) that owns every run's process, pipes and journal, so the daemon may
+die at any moment without a run noticing. It is started one of two ways:
+
+- ``forgehand-keeper serve``: by the daemon, when no keeper answers on the state dir's
+  socket (``KeeperClient.connect``). It detaches, so it outlives the daemon.
+- ``forgehand-keeper supervise … -- DAEMON``: in a sandbox, as the sandbox's own process
+  (``forgehand-runner serve --supervise`` hands over to it at once): it starts the daemon
+  as its child and restarts it when it crashes.
+
+Wire protocol, on one unix socket connection (``<state_dir>/keeper.sock``), frames
+``u8 kind | u32 id | u32 length | payload``, little-endian. Requests (id > 0) get exactly
+one reply with the same id: ``O`` (ok, payload depends on the request) or ``X`` (error
+message). Frames with id 0 are notifications: ``N`` with newline-separated run ids whose
+journal grew, and ``!<run id>`` for runs that ended.
+
+    S start   payload: serialized KeeperStart (``keeper_start``)  → O: pid (ascii; 0 when the
+                                                                       spawn failed, which the
+                                                                       journal tells)
+    I stdin   run_id NUL eof-flag-byte data    → O once the data is in the pipe (and, with
+                                                   the flag, stdin is closed)
+    R resize  run_id NUL u16 rows u16 cols      → O
+    C cancel  run_id NUL f64 grace              → O: "1" if it was running
+    L live    (empty)                            → O: newline-separated running run ids
+
+The keeper exits once no daemon has been connected and no run has been running for a
+minute.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import gc
-import json
 import logging
 import os
-import select
-import sys
-import threading
-import time
+import signal
+import struct
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
 
 from forgehand.runner import errors
-from forgehand.runner.keeper import FRAME, KeeperSettings, encode_frame, keeper_socket, serve
-
-if TYPE_CHECKING:
-    from forgehand.runner.config import RunnerConfig
+from forgehand.runner.keeper_launch import (
+    KeeperSettings,
+    keeper_arguments,
+    keeper_binary,
+    missing_keeper,
+)
 
 log = logging.getLogger(__name__)
 
+FRAME = struct.Struct("<BII")
 START_SECONDS = 30.0
 REQUEST_SECONDS = 30.0
 
 
-def keeper_settings(config: RunnerConfig) -> KeeperSettings:
-    """What a daemon with ``config`` tells its keeper."""
-    return KeeperSettings(
-        state_dir=str(config.state_dir),
-        journal_max_bytes=config.journal_max_bytes_per_run,
-        memory_events=config.memory_events,
-        roots=tuple(str(root) for root in config.file_roots()),
-    )
+def encode_frame(kind: str, ident: int, payload: bytes = b"") -> bytes:
+    return FRAME.pack(ord(kind), ident, len(payload)) + payload
 
 
-@dataclass
-class ForkedKeeper:
-    """A keeper forked by ``fork_keeper``; ``wait`` for its answer before connecting."""
-
-    ready_fd: int
-    log_path: Path
-
-    def wait(self, seconds: float = START_SECONDS) -> bool:
-        """Block until the keeper answered; whether a keeper now serves the state dir
-        (``ready``: this one; ``busy``: one that was already running)."""
-        answer = _read_until_eof(self.ready_fd, seconds)
-        os.close(self.ready_fd)
-        if answer.strip() not in (b"ready", b"busy"):
-            log.warning("the forked keeper did not start; see %s", self.log_path)
-            return False
-        return True
+def keeper_socket(state_dir: Path) -> Path:
+    return state_dir / "keeper.sock"
 
 
-def fork_keeper(settings: KeeperSettings) -> ForkedKeeper | None:
-    """Start the keeper by forking this daemon: call it after the imports, before any
-    thread, event loop or gRPC object exists.
-
-    Why: the keeper then shares the interpreter and every module with the daemon,
-    copy-on-write (a sandbox's PSS counts those pages half in each), and it is ready in a
-    millisecond instead of a new interpreter's 100 ms. It uses none of gRPC; importing
-    gRPC starts no thread. The keeper detaches exactly as ``python -m
-    forgehand.runner.keeper`` does: a new session, and an intermediate process that exits
-    at once, so it belongs to no daemon and survives the daemon's SIGKILL. None when
-    forking is unsafe (another thread runs) or the state dir is unusable.
-    """
-    if threading.active_count() > 1:
-        return None
-    log_path = Path(settings.state_dir) / "keeper.log"
+def keeper_pid(state_dir: Path) -> int:
+    """The pid of the keeper of a state dir (it holds the flock on keeper.lock), or 0."""
     try:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        log.warning("cannot fork the keeper (%s); the daemon will start one", exc)
-        return None
-    read_fd, write_fd = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    gc.freeze()  # the collector would otherwise touch, and so copy, every shared object
-    try:
-        pid = os.fork()
-    except OSError as exc:  # e.g. the sandbox's pids limit
-        for fd in (log_fd, read_fd, write_fd):
-            os.close(fd)
-        log.warning("cannot fork the keeper (%s); the daemon will start one", exc)
-        return None
-    if pid == 0:
-        _become_keeper(settings, log_fd, read_fd, write_fd)
-    os.close(write_fd)
-    os.close(log_fd)
-    os.waitpid(pid, 0)
-    return ForkedKeeper(read_fd, log_path)
+        inode = (state_dir / "keeper.lock").stat().st_ino
+        locks = Path("/proc/locks").read_text()
+    except OSError:
+        return 0
+    for line in locks.splitlines():
+        parts = line.split()
+        if len(parts) > 5 and parts[5].endswith(f":{inode}") and parts[4].isdigit():
+            return int(parts[4])
+    return 0
 
 
-def _become_keeper(settings: KeeperSettings, log_fd: int, read_fd: int, write_fd: int) -> NoReturn:
-    """The forked child: detach, trade the daemon's stdio for /dev/null and the log, serve."""
-    code = 1
-    try:
-        os.close(read_fd)
-        os.setsid()
-        if os.fork():
-            os._exit(0)
-        # Above stdio first, so the dup2s below cannot clobber them; then only they remain.
-        ready_fd = fcntl.fcntl(write_fd, fcntl.F_DUPFD_CLOEXEC, 3)
-        log_fd = fcntl.fcntl(log_fd, fcntl.F_DUPFD_CLOEXEC, 3)
-        null = os.open(os.devnull, os.O_RDWR)
-        for target, source in ((0, null), (1, null), (2, log_fd)):
-            os.dup2(source, target)
-        os.closerange(3, ready_fd)
-        os.closerange(ready_fd + 1, os.sysconf("SC_OPEN_MAX"))
-        serve(settings, ready_fd)
-        code = 0
-    except BaseException:
-        with contextlib.suppress(BaseException):
-            import traceback
-
-            traceback.print_exc()
-    finally:
-        os._exit(code)
-
-
-def _read_until_eof(fd: int, seconds: float) -> bytes:
-    deadline = time.monotonic() + seconds
-    data = b""
-    while (remaining := deadline - time.monotonic()) > 0:
-        if not select.select([fd], [], [], remaining)[0]:
-            break
-        chunk = os.read(fd, 64)
-        if not chunk:
-            break
-        data += chunk
-    return data
+def stop_keeper(state_dir: Path) -> bool:
+    """Kill the keeper of a state dir now (it also exits by itself after being idle for a
+    minute). Every run it still has ends as lost. Returns whether one ran."""
+    pid = keeper_pid(state_dir)
+    if pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return bool(pid)
 
 
 class KeeperClient:
@@ -197,11 +146,13 @@ class KeeperClient:
             )
 
     async def _spawn_keeper(self, log_fd: int) -> asyncio.subprocess.Process:
+        missing = missing_keeper()
+        if missing:
+            raise errors.FailedPrecondition(missing)
         return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "forgehand.runner.keeper",
-            json.dumps(asdict(self.settings)),
+            str(keeper_binary()),
+            "serve",
+            *keeper_arguments(self.settings),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=log_fd,

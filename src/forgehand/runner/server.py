@@ -26,9 +26,8 @@ from google.protobuf.message import DecodeError
 from forgehand._proto.runner.v1 import runner_pb2 as pb
 from forgehand.runner import errors
 from forgehand.runner.auth import TokenInterceptor, server_credentials
-from forgehand.runner.config import RunnerConfig
+from forgehand.runner.config import DIRECT_SUFFIX, RunnerConfig, direct_socket_path
 from forgehand.runner.core import AttachBatch, RunnerCore
-from forgehand.runner.direct import SUFFIX, direct_socket_path
 from forgehand.runner.direct_server import DirectListener
 from forgehand.runner.files import FileService
 from forgehand.runner.wire import encode_attach, encode_session, encode_session_error
@@ -402,7 +401,9 @@ class RunnerServer:
         path = direct_socket_path(self.unix_socket)
         if path is None:
             log.warning(
-                "no direct attach channel: %s%s is too long a socket path", self.unix_socket, SUFFIX
+                "no direct attach channel: %s%s is too long a socket path",
+                self.unix_socket,
+                DIRECT_SUFFIX,
             )
             return
         listener = DirectListener(self.core, path, self.config.max_message_bytes)

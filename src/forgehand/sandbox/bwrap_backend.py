@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import forgehand
 from forgehand.runner import errors as runner_errors
 from forgehand.runner.client import RunnerClient
-from forgehand.runner.keeper import KEEPER_COMM, PYTHON_M_VARIABLE
+from forgehand.runner.keeper_launch import DAEMON_MARK, KEEPER_COMM, PYTHON_M_VARIABLE
 from forgehand.runner.model import Exited, Output, RunResult, RunSpec
 from forgehand.sandbox import cgroups, images, rootfs, seccomp
 from forgehand.sandbox.backend import Achieved, Availability, SandboxRecord, register_backend
@@ -106,6 +106,21 @@ DAEMON_OOM_SCORE_ADJ = -999
 # there must not shadow the runner's modules); -B: the root is read-only, so never try to
 # write bytecode (the venv's and the source tree's caches are read instead).
 RUNNER_PYTHON_FLAGS = ("-I", "-B")
+
+
+def _proc_text(pid: int, name: str) -> str:
+    """/proc/PID/NAME, or "" once the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/{name}").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _proc_cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _venv() -> Path:
@@ -204,7 +219,6 @@ class BwrapRunnerSandbox:
         self._deadline = 0.0
         self._watchdog: asyncio.Task[None] | None = None
         self._ready_fd = -1
-        self._daemon_cmdline = b""
 
     # -- the Sandbox Protocol ----------------------------------------------------------
 
@@ -384,7 +398,6 @@ class BwrapRunnerSandbox:
         log = await asyncio.to_thread(_open_log, self._dir / "runner.log")
         ready_read, ready_write = os.pipe()
         argv = self._runner_argv(ready_write)
-        self._daemon_cmdline = b"".join(arg.encode() + b"\0" for arg in argv)
         try:
             self._runner = await self._box.spawn(
                 argv,
@@ -458,13 +471,14 @@ class BwrapRunnerSandbox:
         every run, keep the default score; a daemon the keeper restarts does too)."""
         assert self._box is not None
         assert self._box.cgroup is not None
-        for pid in self._box.cgroup.pids():
-            with contextlib.suppress(OSError):
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                comm = Path(f"/proc/{pid}/comm").read_text().strip()
-                # The keeper (bwrap's command, --supervise) forked the daemon: the two
-                # share the cmdline, not the name.
-                if cmdline == self._daemon_cmdline and comm != KEEPER_COMM:
+        pids = self._box.cgroup.pids()
+        keepers = {pid for pid in pids if _proc_text(pid, "comm").strip() == KEEPER_COMM}
+        for pid in pids:
+            # The keeper (bwrap's command, --supervise) started the daemon as its child.
+            stat = _proc_text(pid, "stat")
+            parent = stat.rpartition(")")[2].split()[1:2]
+            if parent and int(parent[0]) in keepers and DAEMON_MARK in _proc_cmdline(pid):
+                with contextlib.suppress(OSError):
                     Path(f"/proc/{pid}/oom_score_adj").write_text(str(DAEMON_OOM_SCORE_ADJ))
 
     async def _check_runner_alive(self, deadline: float) -> None:

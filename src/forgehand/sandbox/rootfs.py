@@ -38,7 +38,7 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 
 import forgehand
 from forgehand.runner.client import ExecConnector, RunnerClient
-from forgehand.runner.keeper import PYTHON_M_VARIABLE
+from forgehand.runner.keeper_launch import PYTHON_M_VARIABLE
 from forgehand.runner.model import Exited, ExitReason, Output, RunSpec
 from forgehand.sandbox import bwrap, subreaper
 from forgehand.sandbox.backend import Availability, SandboxRecord

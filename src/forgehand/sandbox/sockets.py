@@ -20,7 +20,7 @@ from forgehand.runner.client.connectors import (
     connect_unix,
     listener_at,
 )
-from forgehand.runner.direct import direct_socket_path
+from forgehand.runner.config import direct_socket_path
 
 
 class PinnedSocketConnector:

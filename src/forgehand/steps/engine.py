@@ -37,6 +37,7 @@ from forgehand.steps.evaluation import (
     item_script,
     sequence_outputs,
 )
+from forgehand.steps.event_wire import encode_step_event
 from forgehand.steps.expressions import ExprContext
 from forgehand.steps.masking import Masker, StreamMasker, sensitive_values
 from forgehand.steps.model import RunItem, Spec, StepFile
@@ -587,7 +588,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 class FdSink:
-    """Output to fds 1 and 2 byte for byte; events as JSON lines to ``events_fd`` if set."""
+    """Output to fds 1 and 2 byte for byte; events as StepEvent frames to ``events_fd`` if
+    set (``event_wire``)."""
 
     def __init__(self, events_fd: int | None) -> None:
         self.events_fd = events_fd
@@ -606,9 +608,10 @@ class FdSink:
         self._write(1 if stream == "stdout" else 2, data)
 
     def event(self, event: dict[str, Any]) -> None:
-        """One JSON line per event."""
-        if self.events_fd is not None:
-            self._write(self.events_fd, json.dumps(event, sort_keys=True).encode() + b"\n")
+        """One frame per event."""
+        frame = encode_step_event(event) if self.events_fd is not None else None
+        if self.events_fd is not None and frame is not None:
+            self._write(self.events_fd, frame)
 
 
 def _fd_open(fd: int) -> bool:
@@ -647,9 +650,9 @@ def main() -> int:
     In: one JSON object on stdin, ``{"ref", "inputs", "env", "work_dir", "cache_dir",
     "prefetched", "roots"}`` (only ``ref`` and ``work_dir`` required; ``prefetched`` true
     means ``cache_dir`` already holds every git step and nothing is fetched). Out: the
-    step's process output on fds 1 and 2, byte for byte (secrets masked); events as JSON
-    lines on fd 3 when it is open, the last one ``{"type": "result", "result":
-    <StepResult as JSON object>}``.
+    step's process output on fds 1 and 2, byte for byte (secrets masked); events as
+    StepEvent frames on fd 3 when it is open (``event_wire``), the last one the result
+    (``{"type": "result", "result": <StepResult as JSON object>}`` as a StepEvent).
     Exit code 0 when the step succeeded, 1 when it failed or was cancelled, 2 for a bad
     request (with the reason on stderr).
     """

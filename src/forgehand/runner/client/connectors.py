@@ -25,7 +25,7 @@ from typing import Protocol, runtime_checkable
 import grpc
 
 from forgehand.runner.auth import channel_credentials
-from forgehand.runner.direct import direct_socket_path
+from forgehand.runner.config import direct_socket_path
 from forgehand.runner.pump import pump_both
 
 

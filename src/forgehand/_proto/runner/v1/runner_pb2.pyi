@@ -1355,3 +1355,89 @@ class ListDirResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListDirResponse: _TypeAlias = ListDirResponse  # noqa: Y015
+
+@_typing.final
+class KeeperStart(_message.Message):
+    """--- internal: the daemon's start request to its keeper ---------------------------------
+    Not part of the service. The daemon digests a StartRequest into this (the argv of a
+    script or step run, the environment's defaults, a step run's request to the engine),
+    so the keeper — a small compiled program (forgehand/runner/keeper.c) — only spawns.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    ARGV_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    CWD_FIELD_NUMBER: _builtins.int
+    PTY_FIELD_NUMBER: _builtins.int
+    PTY_ROWS_FIELD_NUMBER: _builtins.int
+    PTY_COLS_FIELD_NUMBER: _builtins.int
+    STDIN_PIPE_FIELD_NUMBER: _builtins.int
+    STDIN_FIELD_NUMBER: _builtins.int
+    STDIN_CLOSE_FIELD_NUMBER: _builtins.int
+    STEP_EVENTS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    CANCEL_GRACE_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_OUTPUT_BYTES_FIELD_NUMBER: _builtins.int
+    JOURNAL_MAX_BYTES_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    request: _builtins.bytes
+    """the StartRequest as received; kept as request.pb"""
+    cwd: _builtins.str
+    """empty: the keeper's own"""
+    pty: _builtins.bool
+    pty_rows: _builtins.int
+    pty_cols: _builtins.int
+    stdin_pipe: _builtins.bool
+    """stdin is a pipe the daemon writes to (else /dev/null)"""
+    stdin: _builtins.bytes
+    """written to stdin at once (a step run's request)"""
+    stdin_close: _builtins.bool
+    """close stdin after `stdin`"""
+    step_events: _builtins.bool
+    """fd 3 is a pipe carrying the step engine's events"""
+    timeout_seconds: _builtins.float
+    """0 = none"""
+    cancel_grace_seconds: _builtins.float
+    """0 = 2s"""
+    max_output_bytes: _builtins.int
+    """0 = none"""
+    journal_max_bytes: _builtins.int
+    """0 = the keeper's default; never above it"""
+    @_builtins.property
+    def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """argv[0] is looked up in env's PATH unless it has a '/'"""
+
+    @_builtins.property
+    def env(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """NAME=value, the run's whole environment"""
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        request: _builtins.bytes = ...,
+        argv: _abc.Iterable[_builtins.str] | None = ...,
+        env: _abc.Iterable[_builtins.str] | None = ...,
+        cwd: _builtins.str = ...,
+        pty: _builtins.bool = ...,
+        pty_rows: _builtins.int = ...,
+        pty_cols: _builtins.int = ...,
+        stdin_pipe: _builtins.bool = ...,
+        stdin: _builtins.bytes = ...,
+        stdin_close: _builtins.bool = ...,
+        step_events: _builtins.bool = ...,
+        timeout_seconds: _builtins.float = ...,
+        cancel_grace_seconds: _builtins.float = ...,
+        max_output_bytes: _builtins.int = ...,
+        journal_max_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "cancel_grace_seconds", b"cancel_grace_seconds", "cwd", b"cwd", "env", b"env", "journal_max_bytes", b"journal_max_bytes", "max_output_bytes", b"max_output_bytes", "pty", b"pty", "pty_cols", b"pty_cols", "pty_rows", b"pty_rows", "request", b"request", "run_id", b"run_id", "stdin", b"stdin", "stdin_close", b"stdin_close", "stdin_pipe", b"stdin_pipe", "step_events", b"step_events", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeeperStart: _TypeAlias = KeeperStart  # noqa: Y015

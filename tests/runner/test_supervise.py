@@ -1,15 +1,17 @@
-"""The daemon and its keeper forked from one process, both ways round.
+"""The daemon and its compiled keeper, both ways they start.
 
-`serve --fork-keeper --ready-fd N`: the keeper is forked from the daemon, yet it outlives a
-SIGKILLed daemon exactly like a spawned one. `serve --supervise` (as sandboxes start it):
-the process becomes the keeper and forks the daemon, restarts it when it crashes, gives up
-on one that keeps crashing, and ends everything on SIGTERM.
+`serve --ready-fd N`: the daemon spawns the keeper, which detaches and outlives a SIGKILLed
+daemon. `serve --supervise` (as sandboxes start it): the process hands over to the keeper,
+which starts the daemon as its child with the same interpreter flags, restarts it when it
+crashes, gives up on one that keeps crashing, and ends everything on SIGTERM. Neither loads
+OpenSSL: the runner's TLS is gRPC's own, and its token check works without Python's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,11 +19,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from conftest import make_pki
 
-from forgehand.runner.client import RunnerClient
-from forgehand.runner.keeper import KEEPER_COMM, keeper_pid
+from forgehand.runner import errors
+from forgehand.runner.client import RetryPolicy, RunnerClient
+from forgehand.runner.keeper_client import keeper_pid
+from forgehand.runner.keeper_launch import DAEMON_MARK, KEEPER_COMM, keeper_binary
 from forgehand.runner.model import Event, Exited, ExitReason, Output, RunSpec, Started
 
+OPENSSL_FILES = ("libssl.so", "libcrypto.so", "/_ssl.", "/_hashlib.")
+TOKEN = "a-test-token-of-more-than-16-chars"
+WRONG_TOKEN = "not-the-token-but-just-as-long-xx"
 COUNTER = (
     "import sys, time\n"
     "for i in range(150):\n"
@@ -31,11 +39,11 @@ COUNTER = (
 
 
 class ForkingDaemon:
-    """A real daemon started the way the bwrap backend starts it."""
+    """A real daemon started the way the bwrap backend starts it (``-I -B``)."""
 
     def __init__(self, base: Path, *mode: str) -> None:
         self.base = base
-        self.mode = mode or ("--fork-keeper",)
+        self.mode = mode
         self.log = base / "runner.log"
         self.socket = base / "runner.sock"
         self.process: subprocess.Popen[bytes] | None = None
@@ -91,11 +99,12 @@ def parent(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-async def test_the_keeper_is_forked_detached_and_named(daemon: ForkingDaemon) -> None:
+async def test_the_keeper_is_spawned_detached_and_named(daemon: ForkingDaemon) -> None:
     assert daemon.process is not None
     keeper = keeper_pid(daemon.base / "state")
     assert keeper not in (0, daemon.process.pid)
     assert comm(keeper) == KEEPER_COMM
+    assert Path(f"/proc/{keeper}/exe").resolve() == keeper_binary().resolve()
     assert parent(keeper) != daemon.process.pid
     assert os.getsid(keeper) != os.getsid(daemon.process.pid)
     async with RunnerClient.unix(daemon.socket) as client:
@@ -174,15 +183,15 @@ def supervisor_pid(daemon: ForkingDaemon) -> int:
 
 
 def child_daemon(supervisor: int) -> int:
-    """The daemon the supervisor forked: its child with its cmdline but not its name; 0."""
-    cmdline = Path(f"/proc/{supervisor}/cmdline").read_bytes()
+    """The daemon the supervisor started: its child running ``forgehand.runner.cli serve``;
+    0 if none (yet)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         pid = int(entry.name)
         try:
-            ours = parent(pid) == supervisor and (entry / "cmdline").read_bytes() == cmdline
-            if ours and comm(pid) != KEEPER_COMM and not dead(pid):
+            ours = parent(pid) == supervisor and DAEMON_MARK in (entry / "cmdline").read_bytes()
+            if ours and not dead(pid):
                 return pid
         except (OSError, IndexError):
             continue
@@ -230,7 +239,13 @@ async def test_supervise_makes_this_process_the_keeper(supervised: ForkingDaemon
     supervisor = supervisor_pid(supervised)
     assert keeper_pid(supervised.base / "state") == supervisor
     assert comm(supervisor) == KEEPER_COMM
-    assert await next_daemon(supervisor) != 0
+    assert Path(f"/proc/{supervisor}/exe").resolve() == keeper_binary().resolve()
+    daemon = await next_daemon(supervisor)
+    argv = Path(f"/proc/{daemon}/cmdline").read_bytes().split(b"\0")
+    # The interpreter's flags survive the handover: -I keeps a checkout in the work dir
+    # from shadowing the daemon's modules.
+    assert argv[1:5] == [b"-I", b"-B", b"-m", b"forgehand.runner.cli"]
+    assert b"--supervise" not in argv
     async with RunnerClient.unix(supervised.socket) as client:
         assert (await client.run(RunSpec(argv=("echo", "hi")))).stdout == b"hi\n"
 
@@ -314,8 +329,51 @@ async def test_sigterm_ends_everything(supervised: ForkingDaemon, target: str) -
     assert await wait_dead(daemon)
 
 
-def test_supervise_and_fork_keeper_exclude_each_other(short_tmp: Path) -> None:
-    daemon = ForkingDaemon(short_tmp, "--supervise", "--fork-keeper")
-    done = subprocess.run(daemon.argv(2), capture_output=True, timeout=60)
-    assert done.returncode == 2
-    assert b"not allowed with" in done.stderr
+def openssl_mapped(pid: int) -> list[str]:
+    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return sorted({line.split()[-1] for line in maps if any(f in line for f in OPENSSL_FILES)})
+
+
+async def test_neither_process_loads_openssl(supervised: ForkingDaemon) -> None:
+    async with RunnerClient.unix(supervised.socket) as client:
+        assert (await client.run(RunSpec(argv=("true",)))).ok
+    supervisor = supervisor_pid(supervised)
+    assert openssl_mapped(supervisor) == []
+    assert openssl_mapped(await next_daemon(supervisor)) == []
+
+
+async def test_the_keeper_takes_little_memory(supervised: ForkingDaemon) -> None:
+    """The point of a compiled keeper: a Python one, forked from the daemon, cost each
+    sandbox about 5 MB."""
+    async with RunnerClient.unix(supervised.socket) as client:
+        assert (await client.run(RunSpec(argv=("true",)))).ok
+    rollup = Path(f"/proc/{supervisor_pid(supervised)}/smaps_rollup").read_text()
+    pss_kib = int(re.search(r"^Pss:\s+(\d+) kB", rollup, re.M).group(1))  # type: ignore[union-attr]
+    assert pss_kib < 1024, rollup
+
+
+async def test_tls_and_its_token_work_without_python_openssl(short_tmp: Path) -> None:
+    ca, cert, key = make_pki(short_tmp)
+    token_file = short_tmp / "token"
+    token_file.write_text(TOKEN)
+    runner = ForkingDaemon(
+        short_tmp,
+        "--supervise",
+        *("--tcp", "127.0.0.1:0", "--tls-cert", str(cert), "--tls-key", str(key)),
+        *("--token-file", str(token_file)),
+    )
+    assert await runner.start() == b"ready\n", runner.log.read_text()
+    try:
+        found = re.search(r"tcp port (\d+)", runner.log.read_text())
+        assert found, runner.log.read_text()
+        address, no_retry = f"127.0.0.1:{found.group(1)}", RetryPolicy(attempts=0)
+        async with RunnerClient.tls(address, TOKEN, ca.read_bytes(), retry=no_retry) as client:
+            result = await client.run(RunSpec(argv=("sh", "-c", "echo over tls")))
+            assert result.stdout == b"over tls\n"
+        async with RunnerClient.tls(address, WRONG_TOKEN, ca.read_bytes(), retry=no_retry) as bad:
+            with pytest.raises(errors.Unauthenticated, match="bearer token"):
+                await bad.capabilities()
+        assert runner.process is not None
+        assert openssl_mapped(await next_daemon(runner.process.pid)) == []
+    finally:
+        runner.stop()
