@@ -294,6 +294,25 @@ def test_stdin_larger_than_the_pipe_is_written_as_the_run_reads(keeper: Keeper) 
     assert output(keeper.events("big")).strip() == str(len(data)).encode()
 
 
+def test_terminal_input_larger_than_its_buffer_is_written_as_the_run_reads(
+    keeper: Keeper,
+) -> None:
+    """A paste into a terminal can exceed what the terminal holds (4 KiB a line, a few KiB
+    in all): the rest must follow as the run reads, not wait for the next request."""
+    client = keeper.connect()
+    script = "stty raw -echo; echo ready; head -c 200001 | od -c | tail -3"
+    keeper.start(client, "paste", ["sh", "-c", script], pty=True)
+    ready = lambda: b"ready" in output(keeper.events("paste"), pb.STREAM_PTY)  # noqa: E731
+    wait_for(ready, "the terminal to be set up")
+    # With eof, a ^D follows the data (raw mode passes it on as a byte).
+    assert client.request("I", b"paste\0\x01" + b"x" * 200000) == ("O", b"")
+    client.wait_note("!paste")
+    events = keeper.events("paste")
+    # od, offsets in octal: the byte at 200000 is the ^D, and 200001 bytes came in all.
+    assert b"0606500 004\n0606501" in output(events, pb.STREAM_PTY)
+    assert exited(events).code == 0
+
+
 def test_a_terminal_gets_its_size_resizes_and_input(keeper: Keeper) -> None:
     client = keeper.connect()
     script = 'stty size; read line; stty size; echo "got $line"'

@@ -1,11 +1,11 @@
 /*
  * forgehand-keeper: the process that owns every run's process, pipes and journal.
  *
- * A port of the runner's Python keeper, journal writer and supervisor, faithful to their
- * behaviour and messages: the journals it writes are read by JournalReader (journal.py),
- * and it speaks the protocol of KeeperClient (keeper_client.py). The Python keeper, a
- * fork of the daemon, cost each sandbox ~5 MB; this one holds ~60 kB of memory of its own
- * plus the pages of its (static) binary it touches, which every keeper of that file shares.
+ * The runner's keeper, journal writer and daemon supervisor in one static program. Its
+ * journals are read by JournalReader (journal.py), and it speaks the protocol of
+ * KeeperClient (keeper_client.py). It replaced a Python keeper, a fork of the daemon that
+ * cost each sandbox ~5 MB; this one holds ~60 kB of memory of its own plus the pages of
+ * its binary it touches, which every keeper of that file shares.
  *
  * Why a separate process: the daemon (gRPC, attach streams) may be killed at any moment,
  * even with SIGKILL, and no run may notice. The keeper runs in its own session, is started
@@ -1504,22 +1504,38 @@ static void reply_waiters(struct run *r, const char *error)
 	free(waiters);
 }
 
+static void fail_stdin(struct run *r, const char *message);
+
+/* Stop waiting for room in stdin; a terminal's duplicate (want_writable) is closed. */
+static void unwatch_stdin(struct run *r)
+{
+	int watched = r->stdin_w.fd;
+	if (watched < 0)
+		return;
+	watch_remove(&r->stdin_w);
+	if (watched != r->stdin_fd)
+		close(watched);
+}
+
 static void want_writable(struct run *r, int fd, bool want)
 {
-	if (fd < 0 || fd == r->pty_master)
-		return; /* the terminal is watched for output already: a full one waits for the
-			   next request (the Python keeper's behaviour) */
-	bool registered = r->stdin_w.fd >= 0;
-	if (want && !registered)
-		watch_add(&r->stdin_w, fd, W_STDIN, EPOLLOUT);
-	else if (!want && registered)
-		watch_remove(&r->stdin_w);
+	if (fd < 0 || !want)
+		return unwatch_stdin(r);
+	if (r->stdin_w.fd >= 0)
+		return;
+	/* A terminal's master is watched for output already, and epoll takes an fd only once:
+	 * a duplicate of it is watched for room, so a paste larger than the terminal holds
+	 * goes on as the run reads. */
+	int watched = fd == r->pty_master ? fcntl(fd, F_DUPFD_CLOEXEC, 3) : fd;
+	if (watched < 0)
+		return fail_stdin(r, "the run's terminal cannot be watched for input");
+	watch_add(&r->stdin_w, watched, W_STDIN, EPOLLOUT);
 }
 
 static void fail_stdin(struct run *r, const char *message)
 {
+	unwatch_stdin(r);
 	if (r->stdin_fd >= 0) {
-		want_writable(r, r->stdin_fd, false);
 		close(r->stdin_fd);
 		r->stdin_fd = -1;
 	}
@@ -1547,14 +1563,16 @@ static void flush_stdin(struct run *r)
 		buf_free(&r->stdin_queue);
 		r->stdin_off = 0;
 	}
+	if (r->stdin_eof && r->pty && r->pty_master >= 0) {
+		/* ^D, after the data, through the queue: a full terminal takes it when it has room */
+		r->stdin_eof = false;
+		buf_byte(&r->stdin_queue, 0x04);
+		return flush_stdin(r);
+	}
 	want_writable(r, fd, false);
 	if (r->stdin_eof) {
 		r->stdin_eof = false;
-		if (r->pty && r->pty_master >= 0) {
-			if (write(r->pty_master, "\x04", 1) < 0) {
-				/* a full terminal: the ^D is lost (the Python keeper raised here) */
-			}
-		} else if (r->stdin_fd >= 0) {
+		if (r->stdin_fd >= 0) {
 			close(r->stdin_fd);
 			r->stdin_fd = -1;
 		}
