@@ -511,6 +511,27 @@ def step_frame(message: bytes) -> bytes:
     return struct.pack("<I", len(message)) + message
 
 
+def test_a_journal_write_that_fails_stops_that_run_only(keeper: Keeper) -> None:
+    """A journal the disk refuses (here a file size limit on the keeper, which must not
+    kill it with SIGXFSZ: the write comes up short) ends the run with its reason; the
+    keeper and its other runs go on."""
+    client = keeper.connect()
+    keeper.start(client, "calm", ["sh", "-c", "read line; echo calm $line"], stdin_pipe=True)
+    pid = keeper_pid(keeper.state)
+    subprocess.run(["prlimit", f"--pid={pid}", "--fsize=2000000:unlimited"], check=True)
+    try:
+        events = keeper.run(client, "flood", ["head", "-c", "20000000", "/dev/zero"])
+    finally:
+        subprocess.run(["prlimit", f"--pid={pid}", "--fsize=unlimited:unlimited"], check=True)
+    end = exited(events)
+    assert end.reason == pb.EXIT_REASON_ERROR
+    assert end.message == "journal disk full: the run was stopped"
+    assert keeper_pid(keeper.state) == pid
+    assert client.request("I", b"calm\0\x01still") == ("O", b"")
+    client.wait_note("!calm")
+    assert output(keeper.events("calm")) == b"calm still\n"
+
+
 def test_step_event_frames_become_events_and_invalid_ones_are_dropped(keeper: Keeper) -> None:
     valid = [
         pb.StepEvent(kind=pb.StepEvent.KIND_STARTED, path=["build", "compile"]),

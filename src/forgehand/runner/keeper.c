@@ -120,6 +120,7 @@ enum reason {
 };
 
 static const char MSG_DISK_FULL[] = "journal disk full: the run was stopped";
+enum { TOO_BIG = 4096 }; /* not an errno: a record over MAX_RECORD_BYTES, refused by us */
 static const char MSG_TOO_BIG[] = "an event exceeded the journal's record size: the run was stopped";
 
 /* ---- small utilities ---------------------------------------------------------------- */
@@ -871,7 +872,7 @@ static int record_header(uint8_t *hdr, uint64_t seq, const struct iovec *payload
 	size_t len = iov_size(payload, n);
 	uint32_t crc = 0;
 	if (len > MAX_RECORD_BYTES)
-		return -EFBIG;
+		return -TOO_BIG;
 	for (int i = 0; i < n; i++)
 		crc = crc32_update(crc, payload[i].iov_base, payload[i].iov_len);
 	pack_header(hdr, (uint32_t)len, crc, seq);
@@ -929,7 +930,7 @@ static int output_header(uint8_t *hp, uint64_t seq, size_t prefix_len, size_t si
 {
 	size_t length = prefix_len + size;
 	if (length > MAX_RECORD_BYTES)
-		return -EFBIG;
+		return -TOO_BIG;
 	uint32_t word = (uint32_t)length | (uint32_t)(prefix_len + head) << LENGTH_BITS;
 	uint8_t word_seq[12];
 	put_le32(word_seq, word);
@@ -1089,6 +1090,7 @@ struct run {
 	struct buf step; /* an incomplete StepEvent frame */
 	bool step_discard;
 	bool splice; /* whether pipe output may be spliced into the journal */
+	bool journal_failed; /* the journal takes nothing more: output is dropped */
 	bool dirty, ended;
 	/* from the request */
 	bool pty, stdin_pipe;
@@ -1331,14 +1333,26 @@ static double default_grace(const struct run *r)
 	return r->grace != 0 ? r->grace : DEFAULT_GRACE;
 }
 
-/* What a journal write's result means for the run: disk full and too large a record
- * stop it; any other error ends the keeper (as the Python keeper's exception did). */
+/* What a journal write's result means for the run: any failure stops the run with the
+ * reason, never the keeper and its other runs. Unless it was one record too large, the
+ * journal cannot take more: the run's later output is read and dropped (on_output), so
+ * the pipes drain instead of waking the loop until the run is gone. */
 static void journal_result(struct run *r, int rc, bool announce)
 {
-	if (rc == -ENOSPC || rc == -EDQUOT || rc == -EFBIG)
-		request_kill(r, REASON_ERROR, rc == -EFBIG ? MSG_TOO_BIG : MSG_DISK_FULL, 0);
-	else if (rc)
-		die("cannot write the journal of run %s: %s", r->id, strerror(-rc));
+	if (rc == -TOO_BIG && !r->journal_failed) {
+		request_kill(r, REASON_ERROR, MSG_TOO_BIG, 0);
+	} else if (rc) {
+		char message[128];
+		if (rc == -ENOSPC || rc == -EDQUOT)
+			snprintf(message, sizeof message, "%s", MSG_DISK_FULL);
+		else if (rc == -TOO_BIG) /* after a failure already: the first reason stays */
+			snprintf(message, sizeof message, "%s", MSG_TOO_BIG);
+		else
+			snprintf(message, sizeof message, "cannot write the journal (%s): the run was stopped",
+				 strerror(-rc));
+		r->journal_failed = true;
+		request_kill(r, REASON_ERROR, message, 0);
+	}
 	if (announce) {
 		r->announce_at = 0;
 		r->dirty = true;
@@ -1645,7 +1659,7 @@ static void record_step_events(struct run *r, const uint8_t *data, size_t n)
 	while (r->step.len - pos >= 4) {
 		uint32_t len = le32(r->step.data + pos);
 		if (len > MAX_STEP_FRAME) {
-			journal_result(r, -EFBIG, true);
+			journal_result(r, -TOO_BIG, true);
 			r->step_discard = true;
 			return buf_free(&r->step);
 		}
@@ -1708,17 +1722,23 @@ static void on_output(struct output *o)
 {
 	struct run *r = o->run;
 	bool pipe = o->stream == STREAM_STDOUT || o->stream == STREAM_STDERR;
-	if (r->splice && pipe && splice_output(r, o))
+	if (r->splice && pipe && !r->journal_failed && splice_output(r, o))
 		return;
 	size_t cap = record_bytes(r);
 	uint8_t *data = xrealloc(NULL, cap); /* held only while reading */
 	ssize_t n = read(o->w.fd, data, cap);
 	if (n < 0 && (errno == EAGAIN || errno == EINTR))
 		return free(data);
-	if (n < 0 && errno != EIO) /* EIO: the terminal's other side is closed */
-		die("cannot read the output of run %s: %s", r->id, strerror(errno));
-	if (n <= 0)
+	if (n < 0) { /* EIO: the terminal's other side is closed; anything else ends it too */
+		if (errno != EIO)
+			dprintf(2, "forgehand-keeper: cannot read the output of run %s: %s\n", r->id,
+				strerror(errno));
+		n = 0;
+	}
+	if (n == 0)
 		close_output(o);
+	else if (r->journal_failed)
+		; /* dropped: see journal_result */
 	else if (o->stream == STEP_EVENTS)
 		record_step_events(r, data, (size_t)n);
 	else
@@ -2624,6 +2644,7 @@ static void install_signals(void)
 	signal(SIGPIPE, SIG_IGN);
 	signal(SIGINT, SIG_IGN);
 	signal(SIGHUP, SIG_IGN);
+	signal(SIGXFSZ, SIG_IGN); /* a file size limit fails the journal's write (EFBIG) instead */
 	K.sig_fd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
 	if (K.sig_fd < 0)
 		die("signalfd: %s", strerror(errno));
