@@ -4,6 +4,7 @@ real unix socket. Hostile programs are bounded (fixed counts, small sizes, short
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 from bwrap_support import NEEDS_BWRAP, mounts_under, scratch_dir
 
-from forgehand.runner.keeper_launch import KEEPER_COMM
+from forgehand.runner.keeper_launch import KEEPER_COMM, KEEPER_IN_PACKAGE, keeper_binary
 from forgehand.runner.model import ExitReason
 from forgehand.sandbox import cgroups
 from forgehand.sandbox.backend import choose_backend
@@ -80,7 +81,7 @@ async def test_achieved_reports_what_the_kernel_applies(sandbox: BwrapRunnerSand
     assert achieved.limits.pids >= 64
 
 
-async def test_keeper_is_forked_and_only_the_daemon_is_oom_protected(
+async def test_keeper_starts_the_daemon_and_only_the_daemon_is_oom_protected(
     sandbox: BwrapRunnerSandbox,
 ) -> None:
     await sandbox.run(["true"])
@@ -89,9 +90,8 @@ async def test_keeper_is_forked_and_only_the_daemon_is_oom_protected(
         name = Path(f"/proc/{pid}/comm").read_text().strip()
         if name != "bwrap" and b"forgehand.runner.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
             runner[name] = int(Path(f"/proc/{pid}/oom_score_adj").read_text())
-    # A keeper (bwrap's command, --supervise) and the daemon it forked (same cmdline, the
-    # keeper renamed): the OOM killer
-    # may pick the keeper (runs inherit its score), never the daemon. Lowering a score
+    # The keeper (bwrap's command) and the daemon it started: the OOM killer may pick the
+    # keeper (runs inherit its score), never the daemon. Lowering a score
     # needs CAP_SYS_RESOURCE, which root lacks on some VMs (then the daemon keeps 0).
     protected = DAEMON_OOM_SCORE_ADJ if _has_cap_sys_resource() else 0
     assert runner == {"python": protected, KEEPER_COMM: 0}
@@ -152,11 +152,33 @@ async def test_kernel_isolation_is_refused(backend: BwrapBackend, base: Path) ->
 
 
 async def test_runner_that_cannot_start_is_reported_with_its_stderr(base: Path) -> None:
+    """A package root with the keeper but no forgehand package, and a venv without python:
+    the keeper starts, its daemon cannot, and the error carries the runner's stderr."""
+    fake_root = base / "empty-src"
+    (fake_root / KEEPER_IN_PACKAGE).parent.mkdir(parents=True)
+    shutil.copy2(keeper_binary(), fake_root / KEEPER_IN_PACKAGE)
+    config = BwrapBackendConfig(
+        state_dir=base / "state", package_root=fake_root, venv=Path("/usr"), runner_max_restarts=0
+    )
+    backend = BwrapBackend(config)
+    with pytest.raises(SandboxLaunchError, match=r"runner stderr: .*cannot run the daemon"):
+        async with backend.create(make_spec(base)):
+            pass
+    assert await backend.list_sandboxes() == []
+    assert not mounts_under(base)
+
+
+async def test_a_keeper_that_is_not_built_is_named(base: Path) -> None:
     fake_root = base / "empty-src"
     fake_root.mkdir()
     config = BwrapBackendConfig(state_dir=base / "state", package_root=fake_root, venv=Path("/usr"))
     backend = BwrapBackend(config)
-    with pytest.raises(SandboxLaunchError, match=r"runner stderr: .*No such file"):
+    status = backend.availability()
+    assert not status.available
+    assert "scripts/build-keeper" in status.detail
+    with pytest.raises(
+        SandboxLaunchError, match=r"keeper .* is not built: run scripts/build-keeper"
+    ):
         async with backend.create(make_spec(base)):
             pass
     assert await backend.list_sandboxes() == []

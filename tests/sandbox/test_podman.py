@@ -165,10 +165,12 @@ async def test_memory_limit_kills_the_run_with_reason_oom(base: Path) -> None:
 async def test_pids_limit_contains_a_bounded_fork(base: Path) -> None:
     spec = make_spec(base, limits={"pids": 24})
     forks = "n=0; for i in $(seq 60); do sleep 5 & n=$((n+1)); done 2>/dev/null; echo started"
-    count = "sleep 1; ls /proc | grep -c '^[0-9]'"
+    # The counter forks its one process before the fork loop starts, then counts with
+    # builtins only: once the limit is reached, nothing else can fork.
+    count = "(sleep 1; set -- /proc/[0-9]*; echo $#) & sleep 0.2"
     async with PodmanBackend().create(spec) as sandbox:
         assert sandbox.achieved.limits.pids == 24
-        run = await sandbox.client.run(sh(f"({forks}) & {count}; wait"))
+        run = await sandbox.client.run(sh(f"{count}; ({forks}) & wait"))
     alive = int(run.stdout.split()[0])
     assert alive <= 24  # 60 sleepers were asked for; the pids cgroup refused the rest
 

@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from forgehand.runner.keeper_launch import DEFAULT_MAX_RESTARTS
+
 if TYPE_CHECKING:
     from forgehand.runner.config import RunnerConfig
 
@@ -53,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-restarts",
         type=int,
-        default=5,
+        default=DEFAULT_MAX_RESTARTS,
         help="with --supervise: give up (and exit) at the crash after this many restarts "
         "within a minute",
     )
@@ -151,10 +153,10 @@ def _exec_supervisor(args: argparse.Namespace, config: RunnerConfig) -> int:
     hands over. Returns only if the handover fails (status 2)."""
     from forgehand.runner.config import direct_socket_path
     from forgehand.runner.keeper_launch import (
-        keeper_arguments,
         keeper_binary,
         keeper_settings,
         missing_keeper,
+        supervise_argv,
         this_python_m,
     )
 
@@ -168,15 +170,16 @@ def _exec_supervisor(args: argparse.Namespace, config: RunnerConfig) -> int:
         print(f"forgehand-runner: {missing}", file=sys.stderr)
         return 2
     binary = keeper_binary()
-    argv = [str(binary), "supervise", *keeper_arguments(keeper_settings(config))]
-    argv += ["--max-restarts", str(args.max_restarts)]
-    if args.ready_fd is not None:
-        argv += ["--ready-fd", str(args.ready_fd)]
-    if args.socket is not None:
-        argv += ["--socket", str(args.socket)]
-        direct = direct_socket_path(args.socket)
-        argv += ["--socket", str(direct)] if direct is not None else []
-    argv += ["--", *this_python_m(), "forgehand.runner.cli", *_daemon_arguments(args, config)]
+    sockets = [] if args.socket is None else [args.socket, direct_socket_path(args.socket)]
+    argv = supervise_argv(
+        binary,
+        keeper_settings(config),
+        this_python_m(),
+        _daemon_arguments(args, config),
+        args.max_restarts,
+        [socket for socket in sockets if socket is not None],
+        args.ready_fd,
+    )
     sys.stdout.flush()
     sys.stderr.flush()
     try:

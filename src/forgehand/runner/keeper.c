@@ -2806,6 +2806,26 @@ static int serve_main(void)
 }
 
 /* supervise: be the keeper and the daemon's supervisor; the exit status. */
+/* mkdir -p, new directories 0700; 0 or an errno. */
+static int make_dirs(const char *path)
+{
+	char *copy = xstrndup(path, strlen(path));
+	int err = 0;
+	for (char *p = copy + 1; !err; p++) {
+		bool last = !*p;
+		if (*p != '/' && !last)
+			continue;
+		*p = 0;
+		if (mkdir(copy, 0700) < 0 && errno != EEXIST)
+			err = errno;
+		if (last)
+			break;
+		*p = '/';
+	}
+	free(copy);
+	return err;
+}
+
 static int supervise_main(int argc, char **argv, int daemon_index)
 {
 	int n = argc - daemon_index;
@@ -2822,6 +2842,12 @@ static int supervise_main(int argc, char **argv, int daemon_index)
 	S.self = getpid();
 	K.supervising = true;
 	prctl(PR_SET_NAME, KEEPER_COMM, 0, 0, 0);
+	/* A sandbox starts the keeper first: the state dir may not exist yet. */
+	int err = make_dirs(K.state_dir);
+	if (err) {
+		say("cannot create --state-dir %s: %s", K.state_dir, strerror(err));
+		return SETTINGS_EXIT;
+	}
 	if (keeper_listen()) {
 		say("another keeper holds %s: stop it or choose another --state-dir", K.state_dir);
 		return SETTINGS_EXIT;

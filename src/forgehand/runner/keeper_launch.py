@@ -13,19 +13,25 @@ import contextlib
 import json
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from forgehand.runner.config import RunnerConfig
 
 KEEPER_BINARY = "forgehand-keeper"
+KEEPER_IN_PACKAGE = PurePosixPath("forgehand", "runner", KEEPER_BINARY)
+"""Where the keeper is below the directory holding the ``forgehand`` package (a sandbox
+mounts that directory: the keeper comes with it)."""
 KEEPER_COMM = "forgehand-keep"
 """The keeper's process name (``/proc/<pid>/comm``), by which the host tells it apart."""
 DAEMON_MARK = b"\0forgehand.runner.cli\0serve\0"
 """In a daemon's cmdline (``python [flags] -m forgehand.runner.cli serve …``), by which the
 host tells a supervising keeper's daemon from its runs."""
+DEFAULT_MAX_RESTARTS = 5
+"""Daemon crashes within a minute a supervising keeper restarts before it gives up."""
 PYTHON_M_VARIABLE = "FORGEHAND_PYTHON_M"
 """In the runner's own environment, where set: the JSON list that stands for ``python -m``
 in its sandbox (a custom root's, see ``forgehand.sandbox.layout``), for the step engine
@@ -56,9 +62,10 @@ def keeper_binary() -> Path:
     return Path(__file__).with_name(KEEPER_BINARY)
 
 
-def missing_keeper() -> str:
-    """Why the keeper cannot start, or "" when it is built."""
-    binary = keeper_binary()
+def missing_keeper(package_root: Path | None = None) -> str:
+    """Why the keeper cannot start, or "" when it is built. ``package_root``: the directory
+    holding the ``forgehand`` package a sandbox mounts (default: this one's)."""
+    binary = keeper_binary() if package_root is None else package_root / KEEPER_IN_PACKAGE
     if os.access(binary, os.X_OK):
         return ""
     return (
@@ -72,6 +79,29 @@ def keeper_arguments(settings: KeeperSettings) -> list[str]:
     argv = ["--state-dir", settings.state_dir, "--journal-max-bytes"]
     argv.append(str(settings.journal_max_bytes))
     return argv + (["--memory-events", settings.memory_events] if settings.memory_events else [])
+
+
+def supervise_argv(
+    keeper: str | os.PathLike[str],
+    settings: KeeperSettings,
+    python_m: Sequence[str],
+    serve: Sequence[str],
+    max_restarts: int,
+    sockets: Sequence[str | os.PathLike[str]] = (),
+    ready_fd: int | None = None,
+) -> list[str]:
+    """``forgehand-keeper supervise``: the keeper at ``keeper`` (as the process that starts
+    it sees the path) starts ``python_m forgehand.runner.cli SERVE`` (``serve``'s
+    arguments, without ``--supervise`` or ``--ready-fd``) as the daemon, and again when it
+    crashes. ``sockets``: the daemon's, removed when it dies. The first daemon gets
+    ``--ready-fd``. Sandboxes run this as their first process; ``serve --supervise`` execs
+    it."""
+    argv = [os.fspath(keeper), "supervise", *keeper_arguments(settings)]
+    argv += ["--max-restarts", str(max_restarts)]
+    argv += ["--ready-fd", str(ready_fd)] if ready_fd is not None else []
+    for socket in sockets:
+        argv += ["--socket", os.fspath(socket)]
+    return [*argv, "--", *python_m, "forgehand.runner.cli", *serve]
 
 
 def python_m() -> list[str]:

@@ -13,10 +13,10 @@ Layout inside the sandbox (host side under ``<state_dir>/<sandbox-id>/``)::
     /run/forgehand/egress-decisions.jsonl ← host egress/decisions.jsonl, read-only
     <venv> and <forgehand source>          read-only at the host's paths, with /usr
 
-The runner is started with ``serve --supervise``: bwrap's command becomes the keeper (which
-owns the runs) and forks the daemon, and restarts it if it crashes, so a daemon killed
-inside the sandbox takes neither the sandbox nor its runs along; attached clients
-reconnect and resume (``forgehand.runner.supervisor``).
+bwrap's command is the runner's keeper (``forgehand-keeper supervise``, see
+``forgehand.runner.keeper_launch``), which owns the runs, starts the daemon and restarts it
+if it crashes, so a daemon killed inside the sandbox takes neither the sandbox nor its
+runs along; attached clients reconnect and resume.
 
 With ``network: proxy`` a host-side ``EgressProxy`` serves the sandbox, and the runner's
 first run is the forwarder on 127.0.0.1:3128; runs made with ``sandbox.run_spec`` get the
@@ -51,7 +51,16 @@ from pydantic import BaseModel, ConfigDict, Field
 import forgehand
 from forgehand.runner import errors as runner_errors
 from forgehand.runner.client import RunnerClient
-from forgehand.runner.keeper_launch import DAEMON_MARK, KEEPER_COMM, PYTHON_M_VARIABLE
+from forgehand.runner.config import direct_socket_path
+from forgehand.runner.keeper_launch import (
+    DAEMON_MARK,
+    KEEPER_COMM,
+    KEEPER_IN_PACKAGE,
+    PYTHON_M_VARIABLE,
+    KeeperSettings,
+    missing_keeper,
+    supervise_argv,
+)
 from forgehand.runner.model import Exited, Output, RunResult, RunSpec
 from forgehand.sandbox import cgroups, images, rootfs, seccomp
 from forgehand.sandbox.backend import Achieved, Availability, SandboxRecord, register_backend
@@ -72,7 +81,7 @@ from forgehand.sandbox.errors import (
     SandboxLaunchError,
     SandboxStateError,
 )
-from forgehand.sandbox.layout import RunnerUserland, runner_userland
+from forgehand.sandbox.layout import SRC_TARGET, RunnerUserland, runner_userland
 from forgehand.sandbox.registry import (
     DEFAULT_ROOT,
     Entry,
@@ -155,7 +164,7 @@ class BwrapBackendConfig(BaseModel):
     """Added to the spec's pids limit for the runner's processes and threads."""
     runner_max_restarts: int = Field(default=5, ge=0)
     """How often within a minute a crashed runner daemon is restarted; at the next crash
-    the sandbox gives up and ends (``forgehand.runner.supervisor``)."""
+    the sandbox gives up and ends (the keeper, ``forgehand.runner.keeper_launch``)."""
     wall_time_grace_seconds: float = Field(default=2.0, ge=0)
     """Runs time out at the wall time; the watchdog kills everything this much later."""
     egress_ports: tuple[int, ...] = (80, 443)
@@ -395,6 +404,9 @@ class BwrapRunnerSandbox:
 
     async def _spawn_runner(self) -> None:
         assert self._box is not None
+        missing = missing_keeper(self.config.package_root)
+        if missing:
+            raise SandboxLaunchError(f"sandbox {self._id}: {missing}")
         log = await asyncio.to_thread(_open_log, self._dir / "runner.log")
         ready_read, ready_write = os.pipe()
         argv = self._runner_argv(ready_write)
@@ -415,15 +427,22 @@ class BwrapRunnerSandbox:
         self._ready_fd = ready_read
 
     def _runner_argv(self, ready_fd: int) -> list[str]:
+        """bwrap's command: the keeper, which starts the daemon (``keeper_launch``)."""
         journal = max(256 << 10, min(64 << 20, self.spec.limits.output_bytes + (1 << 20)))
-        return [
-            *self._python_m("forgehand.runner.cli"),
-            *("serve", "--socket", RUNNER_SOCKET),
-            *("--state-dir", RUNNER_STATE, "--root", str(self.spec.work_dir.sandbox_path)),
-            *("--memory-events", MEMORY_EVENTS, "--journal-max-bytes", str(journal)),
-            *("--supervise", "--max-restarts", str(self.config.runner_max_restarts)),
-            *("--ready-fd", str(ready_fd)),
-        ]
+        serve = ["serve", "--socket", RUNNER_SOCKET, "--state-dir", RUNNER_STATE]
+        serve += ["--root", str(self.spec.work_dir.sandbox_path)]
+        serve += ["--memory-events", MEMORY_EVENTS, "--journal-max-bytes", str(journal)]
+        package = SRC_TARGET if self._userland is not None else self.config.package_root
+        direct = direct_socket_path(Path(RUNNER_SOCKET))
+        return supervise_argv(
+            PurePosixPath(package) / KEEPER_IN_PACKAGE,
+            KeeperSettings(RUNNER_STATE, journal, MEMORY_EVENTS),
+            self._python_m(),
+            serve,
+            self.config.runner_max_restarts,
+            [RUNNER_SOCKET] if direct is None else [RUNNER_SOCKET, direct],
+            ready_fd,
+        )
 
     async def _wait_ready(self) -> None:
         """Wait for the daemon's line on its ready pipe (no polling), then ask it."""
@@ -497,12 +516,12 @@ class BwrapRunnerSandbox:
             f"{self.config.python} can import forgehand inside the sandbox"
         )
 
-    def _python_m(self, module: str) -> list[str]:
-        """``python -m MODULE`` inside the sandbox: the venv's, or the runner's own userland
-        in a custom root."""
+    def _python_m(self, *module: str) -> list[str]:
+        """``python -m [MODULE]`` inside the sandbox: the venv's, or the runner's own
+        userland in a custom root."""
         if self._userland is not None:
-            return [*self._userland.python_m(), module]
-        return [str(self.config.python), *RUNNER_PYTHON_FLAGS, "-m", module]
+            return [*self._userland.python_m(), *module]
+        return [str(self.config.python), *RUNNER_PYTHON_FLAGS, "-m", *module]
 
     async def _start_forwarder(self) -> None:
         forwarder = self._python_m("forgehand.sandbox.egress.forwarder")
@@ -725,6 +744,9 @@ def _check_host(config: BwrapBackendConfig) -> None:
     seccomp.build_filter()
     cgroups.require_hierarchies(cgroups.detect_hierarchies())
     _check_interpreter(config)
+    missing = missing_keeper(config.package_root)
+    if missing:
+        raise BackendUnavailable(missing)
 
 
 def _check_interpreter(config: BwrapBackendConfig) -> None:

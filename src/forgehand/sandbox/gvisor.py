@@ -30,7 +30,7 @@ for podman; no host process stays per connection. Why that is safe:
   either.
 - The gofer keeps its own copy of each socket it binds, so a daemon that dies leaves a
   listener that accepts connections nobody serves. The keeper removes the dead daemon's
-  socket files at once (``forgehand.runner.supervisor``), gRPC gives a local socket 2 s to
+  socket files at once (``keeper.c``), gRPC gives a local socket 2 s to
   answer, and the direct channel's hello (``forgehand.runner.direct``) tells a served
   connection from a dead one: a client that redials too early retries instead of
   waiting for good.

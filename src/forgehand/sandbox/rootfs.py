@@ -38,7 +38,15 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 
 import forgehand
 from forgehand.runner.client import ExecConnector, RunnerClient
-from forgehand.runner.keeper_launch import PYTHON_M_VARIABLE
+from forgehand.runner.config import direct_socket_path
+from forgehand.runner.keeper_launch import (
+    DEFAULT_MAX_RESTARTS,
+    KEEPER_IN_PACKAGE,
+    PYTHON_M_VARIABLE,
+    KeeperSettings,
+    missing_keeper,
+    supervise_argv,
+)
 from forgehand.runner.model import Exited, ExitReason, Output, RunSpec
 from forgehand.sandbox import bwrap, subreaper
 from forgehand.sandbox.backend import Availability, SandboxRecord
@@ -101,7 +109,11 @@ class RunnerInstall:
         return cls(Path(sys.prefix), Path(forgehand.__file__).parents[1])
 
     def check(self) -> None:
-        """Fail unless the venv's interpreter can run inside a sandbox that has only /usr."""
+        """Fail unless the venv's interpreter can run inside a sandbox that has only /usr,
+        and the runner's keeper is built."""
+        missing = missing_keeper(self.source)
+        if missing:
+            raise BackendUnavailable(missing)
         python = (self.venv / "bin" / "python").resolve()
         if not PurePosixPath(python).is_relative_to("/usr"):
             raise BackendUnavailable(
@@ -158,16 +170,23 @@ def serve_argv(
     socket: PurePosixPath = RUNNER_SOCKET,
     python_m: Sequence[str] = VENV_PYTHON_M,
 ) -> list[str]:
-    """The sandbox's long-lived process: ``forgehand-runner serve --supervise`` on the work
-    dir. As the container's init it is the keeper, which reaps orphans, and it restarts
-    a daemon that crashes, so the sandbox and its runs outlive it."""
+    """The sandbox's long-lived process: the keeper (``forgehand-keeper supervise``, what
+    ``forgehand-runner serve --supervise`` hands over to) on the work dir, which starts the
+    daemon. As the container's init it reaps orphans, and it restarts a daemon that
+    crashes, so the sandbox and its runs outlive it."""
     journal = max(256 << 10, min(64 << 20, spec.limits.output_bytes + (1 << 20)))
-    argv = runner_argv(
-        *("serve", "--socket", str(socket), "--state-dir", str(RUNNER_STATE)), python_m=python_m
+    serve = ["serve", "--socket", str(socket), "--state-dir", str(RUNNER_STATE)]
+    serve += ["--root", str(spec.work_dir.sandbox_path), "--journal-max-bytes", str(journal)]
+    serve += ["--memory-events", memory_events] if memory_events else []
+    direct = direct_socket_path(Path(socket))
+    return supervise_argv(
+        SRC_TARGET / KEEPER_IN_PACKAGE,
+        KeeperSettings(str(RUNNER_STATE), journal, memory_events),
+        python_m,
+        serve,
+        DEFAULT_MAX_RESTARTS,
+        [socket] if direct is None else [socket, direct],
     )
-    argv += ["--root", str(spec.work_dir.sandbox_path), "--journal-max-bytes", str(journal)]
-    argv += ["--supervise"]
-    return argv + (["--memory-events", memory_events] if memory_events else [])
 
 
 def proxy_argv(python_m: Sequence[str] = VENV_PYTHON_M) -> list[str]:
