@@ -6,9 +6,9 @@ die at any moment without a run noticing. It is started one of two ways:
 
 - ``forgehand-keeper serve``: by the daemon, when no keeper answers on the state dir's
   socket (``KeeperClient.connect``). It detaches, so it outlives the daemon.
-- ``forgehand-keeper supervise … -- DAEMON``: in a sandbox, as the sandbox's own process
-  (``forgehand-runner serve --supervise`` hands over to it at once): it starts the daemon
-  as its child and restarts it when it crashes.
+- ``forgehand-keeper supervise … -- DAEMON``: as a sandbox's own process
+  (``keeper_launch.supervise_argv``; ``forgehand-runner serve --supervise`` execs the
+  same): it starts the daemon as its child and restarts it when it crashes.
 
 Wire protocol, on one unix socket connection (``<state_dir>/keeper.sock``), frames
 ``u8 kind | u32 id | u32 length | payload``, little-endian. Requests (id > 0) get exactly

@@ -1,10 +1,10 @@
 """How the keeper (``keeper.c``) is found and started, without importing anything heavy.
 
-``forgehand-runner serve --supervise``, a sandbox's first process, hands over to the keeper
-before it imports asyncio, gRPC or protobuf: every millisecond spent here is on each
-sandbox's cold start. So this module holds what that handover needs, and only the
-standard library: the binary's place, its options, and how ``python -m`` is spelled in
-this sandbox. ``keeper_client`` (the daemon's connection) builds on it.
+A sandbox's first process is the keeper (``supervise_argv``), which starts the daemon.
+``forgehand-runner serve --supervise`` execs the same command line, before it imports
+asyncio, gRPC or protobuf. So this module holds what both need, and only the standard
+library: the binary's place, its options, and how ``python -m`` is spelled in a sandbox.
+``keeper_client`` (the daemon's connection) builds on it.
 """
 
 from __future__ import annotations
