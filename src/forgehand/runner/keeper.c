@@ -125,15 +125,21 @@ static const char MSG_TOO_BIG[] = "an event exceeded the journal's record size: 
 
 /* ---- small utilities ---------------------------------------------------------------- */
 
+/* One line on stderr, "who: message". */
+static void vreport(const char *who, const char *fmt, va_list ap)
+{
+	char text[1024];
+	vsnprintf(text, sizeof text, fmt, ap);
+	dprintf(2, "%s: %s\n", who, text);
+}
+
 static void die(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
 static void die(const char *fmt, ...)
 {
-	char text[1024];
 	va_list ap;
 	va_start(ap, fmt);
-	vsnprintf(text, sizeof text, fmt, ap);
+	vreport("forgehand-keeper", fmt, ap);
 	va_end(ap);
-	dprintf(2, "forgehand-keeper: %s\n", text);
 	exit(1);
 }
 
@@ -1126,12 +1132,10 @@ static struct supervisor {
 static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void say(const char *fmt, ...)
 {
-	char text[1024];
 	va_list ap;
 	va_start(ap, fmt);
-	vsnprintf(text, sizeof text, fmt, ap);
+	vreport("forgehand-runner supervisor", fmt, ap);
 	va_end(ap);
-	dprintf(2, "forgehand-runner supervisor: %s\n", text);
 }
 
 static void watch_add(struct watch *w, int fd, enum watch_kind kind, uint32_t events)

@@ -51,15 +51,12 @@ from pydantic import BaseModel, ConfigDict, Field
 import forgehand
 from forgehand.runner import errors as runner_errors
 from forgehand.runner.client import RunnerClient
-from forgehand.runner.config import direct_socket_path
 from forgehand.runner.keeper_launch import (
     DAEMON_MARK,
     KEEPER_COMM,
     KEEPER_IN_PACKAGE,
     PYTHON_M_VARIABLE,
-    KeeperSettings,
     missing_keeper,
-    supervise_argv,
 )
 from forgehand.runner.model import Exited, Output, RunResult, RunSpec
 from forgehand.sandbox import cgroups, images, rootfs, seccomp
@@ -427,21 +424,17 @@ class BwrapRunnerSandbox:
         self._ready_fd = ready_read
 
     def _runner_argv(self, ready_fd: int) -> list[str]:
-        """bwrap's command: the keeper, which starts the daemon (``keeper_launch``)."""
-        journal = max(256 << 10, min(64 << 20, self.spec.limits.output_bytes + (1 << 20)))
-        serve = ["serve", "--socket", RUNNER_SOCKET, "--state-dir", RUNNER_STATE]
-        serve += ["--root", str(self.spec.work_dir.sandbox_path)]
-        serve += ["--memory-events", MEMORY_EVENTS, "--journal-max-bytes", str(journal)]
+        """bwrap's command: the keeper, which starts the daemon (``rootfs.serve_argv``)."""
         package = SRC_TARGET if self._userland is not None else self.config.package_root
-        direct = direct_socket_path(Path(RUNNER_SOCKET))
-        return supervise_argv(
-            PurePosixPath(package) / KEEPER_IN_PACKAGE,
-            KeeperSettings(RUNNER_STATE, journal, MEMORY_EVENTS),
+        return rootfs.serve_argv(
+            self.spec,
+            MEMORY_EVENTS,
+            PurePosixPath(RUNNER_SOCKET),
             self._python_m(),
-            serve,
-            self.config.runner_max_restarts,
-            [RUNNER_SOCKET] if direct is None else [RUNNER_SOCKET, direct],
-            ready_fd,
+            keeper=PurePosixPath(package) / KEEPER_IN_PACKAGE,
+            state_dir=PurePosixPath(RUNNER_STATE),
+            max_restarts=self.config.runner_max_restarts,
+            ready_fd=ready_fd,
         )
 
     async def _wait_ready(self) -> None:

@@ -169,23 +169,29 @@ def serve_argv(
     memory_events: str = "",
     socket: PurePosixPath = RUNNER_SOCKET,
     python_m: Sequence[str] = VENV_PYTHON_M,
+    *,
+    keeper: PurePosixPath = SRC_TARGET / KEEPER_IN_PACKAGE,
+    state_dir: PurePosixPath = RUNNER_STATE,
+    max_restarts: int = DEFAULT_MAX_RESTARTS,
+    ready_fd: int | None = None,
 ) -> list[str]:
-    """The sandbox's long-lived process: the keeper (``forgehand-keeper supervise``, what
-    ``forgehand-runner serve --supervise`` hands over to) on the work dir, which starts the
-    daemon. As the container's init it reaps orphans, and it restarts a daemon that
-    crashes, so the sandbox and its runs outlive it."""
+    """A sandbox's long-lived process, in every backend: the keeper (``forgehand-keeper
+    supervise``, at ``keeper`` as the sandbox sees it) on the work dir, which starts the
+    daemon and restarts it when it crashes, so the sandbox and its runs outlive it. As a
+    container's init it also reaps orphans."""
     journal = max(256 << 10, min(64 << 20, spec.limits.output_bytes + (1 << 20)))
-    serve = ["serve", "--socket", str(socket), "--state-dir", str(RUNNER_STATE)]
+    serve = ["serve", "--socket", str(socket), "--state-dir", str(state_dir)]
     serve += ["--root", str(spec.work_dir.sandbox_path), "--journal-max-bytes", str(journal)]
     serve += ["--memory-events", memory_events] if memory_events else []
     direct = direct_socket_path(Path(socket))
     return supervise_argv(
-        SRC_TARGET / KEEPER_IN_PACKAGE,
-        KeeperSettings(str(RUNNER_STATE), journal, memory_events),
+        keeper,
+        KeeperSettings(str(state_dir), journal, memory_events),
         python_m,
         serve,
-        DEFAULT_MAX_RESTARTS,
+        max_restarts,
         [socket] if direct is None else [socket, direct],
+        ready_fd,
     )
 
 
